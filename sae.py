@@ -1,0 +1,250 @@
+"""The sparse autoencoder: activation functions, init, losses, BatchTopK -> JumpReLU, save/load.
+
+Notation (see README): x (B, d_in) the input activation, y (B, d_out) the target (y = x for an SAE,
+another hook point for a transcoder), m = d_sae latents.
+
+    h = (x - b_dec) W_enc + b_enc          (no b_dec subtraction for a transcoder)
+    c_i = h_i * n_i,  n_i = ||W_dec[i]||   the size of what latent i adds to the reconstruction
+    f_i = act(c_i) / n_i
+    y_hat = f W_dec + b_dec
+
+Decoder rows are not forced to unit norm: TopK ranks, and JumpReLU thresholds, the contribution c
+(as in Anthropic's "Towards Monosemanticity", where the L1 penalty is weighted by ||W_dec[i]||).
+Imports torch and safetensors only.
+"""
+import inspect
+import json
+import math
+import os
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+ActFn = Literal["relu", "jumprelu", "topk", "batchtopk"]
+
+
+class Code(NamedTuple):
+    """The sparse code of a batch. Dense acts (relu, jumprelu) fill f_BM; sparse ones (topk,
+    batchtopk) fill vals/rows/cols: token rows[j] uses latent cols[j] with value vals[j]."""
+    f_BM: torch.Tensor | None
+    vals: torch.Tensor | None
+    rows: torch.Tensor | None
+    cols: torch.Tensor | None
+    c_BM: torch.Tensor   # contributions h*n before the activation (AuxK and penalties use them)
+    n_M: torch.Tensor    # decoder row norms
+
+    def nnz_per_token(self, B: int) -> torch.Tensor:
+        """(B,) number of active latents of each token."""
+        if self.f_BM is not None:
+            return (self.f_BM != 0).sum(-1)
+        return torch.bincount(self.rows[self.vals != 0], minlength=B)
+
+    def fired(self, M: int) -> torch.Tensor:
+        """(M,) how many tokens of the batch each latent fired on."""
+        if self.f_BM is not None:
+            return (self.f_BM != 0).sum(0)
+        return torch.bincount(self.cols[self.vals != 0], minlength=M)
+
+
+class JumpReLU(torch.autograd.Function):
+    """f = c * H(c - theta), with a straight-through estimator for theta (Rajamanoharan et al.
+    2024, "Jumping Ahead"): a rectangle kernel of width eps around the threshold gives
+    dL/dtheta_i = sum_batch g * (-theta_i / eps) * 1[|c - theta_i| < eps/2 and c > 0];
+    dL/dc = g * H(c - theta)."""
+
+    @staticmethod
+    def forward(ctx, c_BM, theta_M, eps):
+        ctx.save_for_backward(c_BM, theta_M)
+        ctx.eps = eps
+        return c_BM * (c_BM > theta_M)
+
+    @staticmethod
+    def backward(ctx, g_BM):
+        c_BM, theta_M = ctx.saved_tensors
+        g_c = g_BM * (c_BM > theta_M)
+        window = ((c_BM - theta_M).abs() < ctx.eps / 2) & (c_BM > 0)
+        g_theta = (g_BM * window).sum(0) * (-theta_M / ctx.eps)
+        return g_c, g_theta.to(theta_M.dtype), None
+
+
+class SAE(nn.Module):
+    def __init__(self, d_in: int, d_sae: int, act_fn: ActFn = "topk", top_k: int = 64,
+                 d_out: int | None = None, transcoder: bool = False,
+                 jumprelu_threshold_window: float = 0.1, jumprelu_init_threshold: float = 0.1,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        super().__init__()
+        d_out = d_out or d_in
+        self.d_in, self.d_sae, self.d_out = d_in, d_sae, d_out
+        self.act_fn, self.top_k, self.transcoder = act_fn, top_k, transcoder
+        self.jumprelu_threshold_window = jumprelu_threshold_window
+        self.jumprelu_init_threshold = jumprelu_init_threshold
+        kw = dict(dtype=dtype, device=device)
+        # Random decoder directions; the encoder starts as the decoder's transpose.
+        W_dec = torch.randn(d_sae, d_out, **kw)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)                                          # (m, d_out)
+        self.W_enc = nn.Parameter(W_dec.T.clone() if d_in == d_out
+                                  else torch.randn(d_in, d_sae, **kw) / d_in ** 0.5)  # (d_in, m)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, **kw))
+        # JumpReLU thresholds live in fp32 whatever the SAE's dtype: exp() of a bf16 log is coarse.
+        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(jumprelu_init_threshold),
+                                                     dtype=torch.float32, device=device))
+        # BatchTopK's running threshold: the smallest contribution it kept, averaged over batches.
+        self.register_buffer("threshold", torch.tensor(-1.0, device=device))
+
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this SAE (saved as config.json)."""
+        names = inspect.signature(SAE.__init__).parameters
+        return {k: getattr(self, k) for k in names if k not in ("self", "dtype", "device")}
+
+    # ---------------------------------------------------------------------------------------
+    # forward
+
+    def encode(self, x_BD: torch.Tensor, k: int | None = None) -> Code:
+        k = k or self.top_k
+        n_M = self.W_dec.norm(dim=1)
+        # (x - b_dec) W_enc + b_enc == x W_enc + (b_enc - b_dec W_enc): the same math, but autograd
+        # no longer needs a (B, d) x (d, m) matmul in the backward just for b_dec's gradient.
+        bias_M = self.b_enc if self.transcoder else self.b_enc - self.b_dec @ self.W_enc
+        c_BM = (x_BD @ self.W_enc + bias_M) * n_M
+        B, M = c_BM.shape
+        if self.act_fn == "relu":
+            return Code(F.relu(c_BM) / n_M, None, None, None, c_BM, n_M)
+        if self.act_fn == "jumprelu":
+            theta = self.log_threshold.exp()
+            a_BM = JumpReLU.apply(c_BM.float(), theta, self.jumprelu_threshold_window)
+            return Code(a_BM.to(c_BM.dtype) / n_M, None, None, None, c_BM, n_M)
+        if self.act_fn == "topk":
+            vals, cols = F.relu(c_BM).topk(k, dim=-1, sorted=False)             # (B, k)
+            rows = torch.arange(B, device=c_BM.device).repeat_interleave(k)
+            cols = cols.flatten()
+            return Code(None, vals.flatten() / n_M[cols], rows, cols, c_BM, n_M)
+        if self.act_fn == "batchtopk":
+            # Keep the k*B largest contributions of the whole batch (Bussmann et al. 2024). Under
+            # torchrun this is each rank's local batch, so it selects over B / world_size tokens.
+            vals, flat = F.relu(c_BM).flatten().topk(k * B, sorted=False)
+            rows, cols = flat // M, flat % M
+            order = rows.argsort()                    # embedding_bag wants each token's bag together
+            rows, cols, vals = rows[order], cols[order], vals[order]
+            if self.training and (vals > 0).any():
+                self.update_threshold_(vals[vals > 0].min())
+            return Code(None, vals / n_M[cols], rows, cols, c_BM, n_M)
+        raise ValueError(f"unknown act_fn {self.act_fn!r}")
+
+    def decode(self, code: Code, B: int) -> torch.Tensor:
+        if code.f_BM is not None:
+            return code.f_BM @ self.W_dec + self.b_dec
+        # Sparse decode: sum of k decoder rows per token costs k*d instead of m*d.
+        offsets = torch.searchsorted(code.rows, torch.arange(B, device=code.rows.device))
+        y_BD = F.embedding_bag(code.cols, self.W_dec, offsets, mode="sum",
+                               per_sample_weights=code.vals.to(self.W_dec.dtype))
+        return y_BD + self.b_dec
+
+    def forward(self, x_BD: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, Code]:
+        code = self.encode(x_BD, k)
+        return self.decode(code, x_BD.shape[0]), code
+
+    @torch.no_grad()
+    def update_threshold_(self, t: torch.Tensor, decay: float = 0.99):
+        """Exponential moving average of BatchTopK's smallest kept contribution."""
+        t = t.float()
+        self.threshold.copy_(t if self.threshold < 0 else decay * self.threshold + (1 - decay) * t)
+
+    # ---------------------------------------------------------------------------------------
+    # losses
+
+    def sparsity_loss(self, code: Code, kind: Literal["l1", "tanh"], c: float = 4.0):
+        """Per-token penalty on the contributions f_i * n_i: l1 = sum_i f_i n_i,
+        tanh = sum_i tanh(c f_i n_i) (a smooth L0 proxy, Anthropic's April 2024 update)."""
+        a_BM = code.f_BM * code.n_M
+        return (a_BM.sum(-1) if kind == "l1" else torch.tanh(c * a_BM).sum(-1)).mean()
+
+    def pre_act_loss(self, code: Code):
+        """JumpReLU's pre-activation loss sum_i ReLU(theta_i - h_i) n_i: it pulls latents that sit
+        below their threshold up toward it. Written in contribution space, ReLU(theta_i - c_i),
+        which is the same quantity with the threshold on h being theta_i / n_i."""
+        return F.relu(self.log_threshold.exp() - code.c_BM).sum(-1).mean()
+
+    def auxk_loss(self, code: Code, resid_BD: torch.Tensor, dead_M: torch.Tensor,
+                  k_aux: int = 512) -> torch.Tensor:
+        """AuxK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): the top k_aux dead
+        latents reconstruct the residual e = y - y_hat (detached), mean ||e - e_hat||^2.
+        Only dead latents' encoder columns and decoder rows get a gradient."""
+        n_dead = int(dead_M.sum())
+        if n_dead == 0:
+            return resid_BD.new_zeros(())
+        k_aux = min(k_aux, n_dead)
+        c_dead = torch.where(dead_M, code.c_BM, -torch.inf)
+        vals, cols = c_dead.topk(k_aux, dim=-1, sorted=False)                   # (B, k_aux)
+        vals = F.relu(vals) / code.n_M[cols]
+        e_hat = F.embedding_bag(cols, self.W_dec, mode="sum", per_sample_weights=vals)
+        return (resid_BD.detach() - e_hat).pow(2).sum(-1).mean()
+
+    # ---------------------------------------------------------------------------------------
+    # init, conversion, folding
+
+    @torch.no_grad()
+    def set_decoder_norm_(self, r: float):
+        """Every decoder row to norm r and the encoder to the decoder's transpose again."""
+        self.W_dec.mul_(r / self.W_dec.norm(dim=1, keepdim=True))
+        if self.d_in == self.d_out:
+            self.W_enc.copy_(self.W_dec.T)
+
+    @torch.no_grad()
+    def grid_search_init_norm_(self, x_BD: torch.Tensor, y_BD: torch.Tensor) -> float:
+        """Pick the decoder-row norm r with the lowest reconstruction MSE on one batch: a coarse
+        search over linspace(0.1, 5.0, 50), then a fine one around the best coarse value."""
+        def mse(r):
+            self.set_decoder_norm_(r)
+            return (self(x_BD)[0] - y_BD).pow(2).sum(-1).mean().item()
+        coarse = min(torch.linspace(0.1, 5.0, 50).tolist(), key=mse)
+        best = min(torch.linspace(coarse - 0.09, coarse + 0.1, 20).tolist(), key=mse)
+        self.set_decoder_norm_(best)
+        return best
+
+    @torch.no_grad()
+    def to_jumprelu_(self) -> "SAE":
+        """BatchTopK -> JumpReLU: every latent's threshold becomes the running batch threshold t,
+        so a token's code no longer depends on its batch-mates."""
+        assert self.act_fn == "batchtopk", "only a BatchTopK SAE converts to JumpReLU"
+        assert self.threshold > 0, "this SAE has no running threshold (was it trained?)"
+        self.log_threshold.fill_(math.log(self.threshold.item()))
+        self.act_fn = "jumprelu"
+        return self
+
+    @torch.no_grad()
+    def fold_scales_(self, s_in: float, s_out: float):
+        """Trained on x * s_in -> y * s_out; make it take raw x and give raw y. Contributions and
+        thresholds scale by 1 / s_out; the code f and so L0 stay the same."""
+        self.W_enc.mul_(s_in)
+        self.W_dec.div_(s_out)
+        self.b_dec.div_(s_out)
+        self.log_threshold.sub_(math.log(s_out))
+        if self.threshold > 0:
+            self.threshold.div_(s_out)
+
+    # ---------------------------------------------------------------------------------------
+    # save / load: config.json + sae.safetensors in one folder
+
+    def save(self, folder: str, extra: dict | None = None):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({**(extra or {}), "sae": self.config()}, f, indent=2)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  os.path.join(folder, "sae.safetensors"))
+
+    @staticmethod
+    def load(folder: str, device: str | torch.device = "cpu") -> "SAE":
+        for name in ("config.json", "sae.safetensors"):
+            if not os.path.exists(os.path.join(folder, name)):
+                raise FileNotFoundError(f"{folder} has no {name}: is it a folder that train.py saved?")
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = json.load(f)["sae"]
+        state = load_file(os.path.join(folder, "sae.safetensors"), device=str(device))
+        sae = SAE(**cfg, dtype=state["W_enc"].dtype, device=device)
+        sae.load_state_dict(state)
+        return sae

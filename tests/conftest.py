@@ -1,0 +1,36 @@
+"""Shared fixtures: the real tokenizer of the embedded model on a tiny random Llama (fast unit
+tests), and the real embedded model itself (the tests that must train on real weights)."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import activations as acts  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory):
+    """A 2-block Llama with random weights and the embedded model's real tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(acts.embedded_model_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_path):
+    return acts.load_model(tiny_model_path, "float32", "cpu")
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    return acts.load_model(acts.EMBEDDED_MODEL, "bfloat16", "cpu")

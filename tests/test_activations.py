@@ -1,0 +1,98 @@
+"""The token stream: packing, rank slices, token hygiene, the mixing buffer."""
+import itertools
+
+import torch
+
+import activations as acts
+
+
+def texts():
+    return ["The first document is here. " * 20, "A second, shorter one.", "And a third. " * 40]
+
+
+def test_contexts_start_with_bos_and_have_the_right_length(tiny_model):
+    tok = tiny_model.tokenizer
+    ctxs = list(acts.iter_contexts(lambda: texts(), tok, 16, passes=1))
+    assert len(ctxs) > 5
+    for i, (idx, c) in enumerate(ctxs):
+        assert idx == i and c.shape == (16,) and c[0] == tok.bos_token_id
+        assert (c[1:] != tok.bos_token_id).all()
+    # documents are separated by EOS
+    assert sum((c == tok.eos_token_id).sum().item() for _, c in ctxs) >= 2
+
+
+def test_ranks_are_disjoint_and_cover_every_context(tiny_model):
+    tok = tiny_model.tokenizer
+    all_ids = [i for i, _ in acts.iter_contexts(lambda: texts(), tok, 16, held_out=2, passes=1)]
+    per_rank = [[i for i, _ in acts.iter_contexts(lambda: texts(), tok, 16, r, 2, held_out=2, passes=1)]
+                for r in range(2)]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == all_ids
+    assert 0 not in all_ids and 1 not in all_ids                 # held out for evaluation
+    held = [i for i, _ in acts.iter_contexts(lambda: texts(), tok, 16, held_out=2, eval=True)]
+    assert held == [0, 1]
+
+
+def test_resume_start_skips_exactly_the_consumed_contexts(tiny_model):
+    tok = tiny_model.tokenizer
+    full = list(acts.iter_contexts(lambda: texts(), tok, 16, passes=3))
+    rest = list(acts.iter_contexts(lambda: texts(), tok, 16, start=7, passes=3))
+    assert [i for i, _ in rest] == [i for i, _ in full[7:]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rest, full[7:]))
+
+
+def test_special_tokens_never_reach_the_sae(tiny_model):
+    tok = tiny_model.tokenizer
+    drop = acts.special_token_ids(tok, [13])                   # 13: an extra ignored id
+    assert {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, 13} <= set(drop.tolist())
+    ctxs = list(acts.iter_contexts(lambda: texts(), tok, 16, passes=1))
+    tokens = torch.stack([c for _, c in ctxs])
+    # Mark each position by its token id through a hook-free check: the number of kept rows and
+    # the rows themselves must be exactly those of the non-special positions.
+    out = list(acts.iter_activations(tiny_model, iter(ctxs), "blocks.1.hook_resid_post",
+                                     "blocks.1.hook_resid_post", drop, n_contexts=4))
+    x = torch.cat([o[0] for o in out])
+    keep = ~torch.isin(tokens, drop)
+    assert len(x) == keep.sum() < tokens.numel()
+    _, cache = tiny_model.run_with_cache(tokens, names_filter=["blocks.1.hook_resid_post"])
+    assert torch.allclose(x, cache["blocks.1.hook_resid_post"][keep], atol=1e-5)
+    assert out[-1][2] == len(ctxs) - 1                         # the last context index
+
+
+def test_mixing_buffer_yields_every_token_exactly_once():
+    chunks = [torch.arange(i * 100, (i + 1) * 100)[:, None].float() for i in range(13)]
+    out = torch.cat(list(acts.mix(iter(chunks), buffer_size=300, batch_size=32, seed=42)))
+    assert sorted(out.flatten().tolist()) == list(range(1300))
+    assert not torch.equal(out.flatten(), torch.arange(1300).float())        # it did shuffle
+    # the same seed gives the same order; another seed another
+    again = torch.cat(list(acts.mix(iter(chunks), 300, 32, 42)))
+    other = torch.cat(list(acts.mix(iter(chunks), 300, 32, 43)))
+    assert torch.equal(out, again) and not torch.equal(out, other)
+
+
+def test_mixing_buffer_resumes_at_the_same_row():
+    chunks = [torch.arange(i * 50, (i + 1) * 50)[:, None].float() for i in range(20)]
+    full = list(acts.mix(iter(chunks), 200, 16, seed=1))
+    state, consumed = {}, []
+
+    def counted():
+        for c in chunks:
+            consumed.append(1)
+            yield c
+    gen = acts.mix(counted(), 200, 16, seed=1, state=state)
+    first = list(itertools.islice(gen, 9))
+    saved = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()}
+    n_chunks = len(consumed)
+    rest = list(acts.mix(iter(chunks[n_chunks:]), 200, 16, seed=1, state=saved))
+    assert all(torch.equal(a, b) for a, b in zip(first + rest, full)) and len(first + rest) == len(full)
+
+
+def test_hook_point_check_lists_valid_ones():
+    acts.check_hook_point("blocks.15.hook_resid_post", 30)
+    acts.check_hook_point("blocks.3.ln2.hook_normalized", 30)
+    for bad in ("blocks.30.hook_resid_post", "blocks.2.hook_nonsense", "resid_post"):
+        try:
+            acts.check_hook_point(bad, 30)
+            raise AssertionError(bad)
+        except ValueError as e:
+            assert "blocks.15.hook_resid_post" in str(e)

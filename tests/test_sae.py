@@ -1,0 +1,204 @@
+"""The SAE's math on small random tensors: activation functions, gradients, decode, losses, init,
+folding, conversion, save/load."""
+import math
+
+import pytest
+import torch
+
+from sae import SAE, JumpReLU
+
+
+def make(act_fn, d=16, m=64, k=4, **kw):
+    torch.manual_seed(0)
+    sae = SAE(d, m, act_fn, k, **kw)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    return sae
+
+
+def test_topk_has_exactly_k_per_token():
+    sae = make("topk")
+    x = torch.randn(32, 16)
+    _, code = sae(x)
+    assert (code.nnz_per_token(32) == 4).all()
+    # the kept latents are the k largest contributions of each token
+    c = sae.encode(x).c_BM
+    dense = torch.zeros(32, 64).index_put_((code.rows, code.cols), code.vals)
+    assert torch.equal((dense != 0), (c >= c.topk(4, dim=-1).values[:, -1:]))
+
+
+def test_batchtopk_has_k_on_average_but_not_per_token():
+    sae = make("batchtopk")
+    x = torch.randn(64, 16) * torch.linspace(0.1, 3, 64)[:, None]   # busy and quiet tokens
+    _, code = sae(x)
+    nnz = code.nnz_per_token(64)
+    assert nnz.sum() == 4 * 64
+    assert nnz.max() > 4 and nnz.min() < 4
+    assert sae.threshold > 0                                       # running threshold tracked
+
+
+def test_relu_and_jumprelu_forward():
+    sae = make("relu")
+    x = torch.randn(8, 16)
+    code = sae.encode(x)
+    assert torch.allclose(code.f_BM * code.n_M, torch.relu(code.c_BM))
+    sae = make("jumprelu", jumprelu_init_threshold=0.5)
+    code = sae.encode(x)
+    a = code.f_BM * code.n_M
+    assert torch.allclose(a, code.c_BM * (code.c_BM > 0.5), atol=1e-6)
+    assert ((a == 0) | (a > 0.5)).all()
+
+
+def test_jumprelu_threshold_gradient_matches_formula():
+    c = torch.tensor([[0.05, 0.48, 0.52, 0.9], [0.55, -0.5, 0.46, 0.2]], requires_grad=True)
+    theta = torch.tensor([0.5, 0.5, 0.5, 0.5], requires_grad=True)
+    g = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    eps = 0.1
+    JumpReLU.apply(c, theta, eps).backward(g)
+    expected = torch.zeros(4)
+    for b in range(2):
+        for i in range(4):
+            if abs(c[b, i] - theta[i]) < eps / 2 and c[b, i] > 0:
+                expected[i] += g[b, i] * (-theta[i] / eps)
+    assert torch.allclose(theta.grad, expected)
+    assert expected.abs().sum() > 0                               # the window caught something
+    assert torch.equal(c.grad, g * (c > theta))
+
+
+def test_jumprelu_log_threshold_learns_through_the_sae():
+    sae = make("jumprelu", jumprelu_init_threshold=0.3, jumprelu_threshold_window=1.0)
+    y_hat, code = sae(torch.randn(64, 16))
+    (sae.sparsity_loss(code, "tanh") + y_hat.pow(2).sum()).backward()
+    assert sae.log_threshold.grad.abs().sum() > 0
+    assert sae.log_threshold.dtype == torch.float32
+
+
+@pytest.mark.parametrize("act_fn", ["topk", "batchtopk"])
+def test_sparse_decode_equals_dense_decode(act_fn):
+    sae = make(act_fn)
+    x = torch.randn(32, 16)
+    y_sparse, code = sae(x)
+    f = torch.zeros(32, 64).index_put_((code.rows, code.cols), code.vals, accumulate=True)
+    y_dense = f @ sae.W_dec + sae.b_dec
+    assert torch.allclose(y_sparse, y_dense, atol=1e-5)
+    # and the gradients agree
+    y_sparse.pow(2).sum().backward()
+    g_sparse = sae.W_dec.grad.clone()
+    sae.zero_grad()
+    code = sae.encode(x)
+    f = torch.zeros(32, 64).index_put_((code.rows, code.cols), code.vals, accumulate=True)
+    (f @ sae.W_dec + sae.b_dec).pow(2).sum().backward()
+    assert torch.allclose(g_sparse, sae.W_dec.grad, atol=1e-4)
+
+
+def test_bias_trick_is_the_same_math():
+    sae = make("relu")
+    x = torch.randn(8, 16)
+    h_ref = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    assert torch.allclose(sae.encode(x).c_BM, h_ref * sae.W_dec.norm(dim=1), atol=1e-5)
+
+
+def test_transcoder_does_not_subtract_b_dec():
+    torch.manual_seed(0)
+    sae = SAE(16, 64, "relu", d_out=24, transcoder=True)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    x = torch.randn(8, 16)
+    h_ref = x @ sae.W_enc + sae.b_enc
+    assert torch.allclose(sae.encode(x).c_BM, h_ref * sae.W_dec.norm(dim=1), atol=1e-5)
+    assert sae(x)[0].shape == (8, 24)
+
+
+def test_auxk_grad_only_reaches_dead_latents():
+    sae = make("topk")
+    x = torch.randn(32, 16)
+    y_hat, code = sae(x)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[[3, 10, 20, 41]] = True
+    sae.auxk_loss(code, x - y_hat, dead, k_aux=2).backward()
+    rows_with_grad = sae.W_dec.grad.abs().sum(1) > 0
+    assert rows_with_grad.any()
+    assert not rows_with_grad[~dead].any()
+    assert not (sae.W_enc.grad.abs().sum(0) > 0)[~dead].any()
+
+
+def test_auxk_is_zero_with_no_dead_latents():
+    sae = make("topk")
+    y_hat, code = sae(torch.randn(4, 16))
+    assert sae.auxk_loss(code, y_hat, torch.zeros(64, dtype=torch.bool)).item() == 0
+
+
+def test_penalties_match_formulas():
+    sae = make("relu")
+    code = sae.encode(torch.randn(8, 16))
+    a = torch.relu(code.c_BM)
+    assert torch.allclose(sae.sparsity_loss(code, "l1"), a.sum(-1).mean(), rtol=1e-5)
+    assert torch.allclose(sae.sparsity_loss(code, "tanh"), torch.tanh(4 * a).sum(-1).mean(), rtol=1e-5)
+    sae = make("jumprelu", jumprelu_init_threshold=0.2)
+    code = sae.encode(torch.randn(8, 16))
+    expected = torch.relu(0.2 - code.c_BM).sum(-1).mean()
+    assert torch.allclose(sae.pre_act_loss(code), expected, rtol=1e-5)
+
+
+def test_grid_search_finds_the_known_best_norm():
+    # With W_enc = W_dec^T, one latent per direction and x along a single decoder row, the
+    # reconstruction of a ReLU SAE is (x . w) w, exact when ||w|| = 1 and worse otherwise.
+    torch.manual_seed(0)
+    sae = SAE(8, 8, "relu")
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.eye(8))
+        sae.W_enc.copy_(torch.eye(8))
+    x = torch.rand(16, 8) + 0.1
+    r = sae.grid_search_init_norm_(x, x)
+    assert abs(r - 1.0) < 0.011
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((8,), r))
+
+
+def test_folded_scales_give_the_same_output_on_raw_activations():
+    for act_fn in ("relu", "jumprelu", "topk", "batchtopk"):
+        sae = make(act_fn, jumprelu_init_threshold=0.05)
+        sae.eval()
+        x = torch.randn(32, 16) * 7.0 + 1.0
+        s = 0.37
+        y_norm, code_norm = sae(x * s)
+        sae.fold_scales_(s, s)
+        y_raw, code_raw = sae(x)
+        assert torch.allclose(y_raw, y_norm / s, atol=1e-5), act_fn
+        assert torch.equal(code_raw.nnz_per_token(32), code_norm.nnz_per_token(32))
+
+
+def test_batchtopk_converts_to_jumprelu():
+    sae = make("batchtopk", d=16, m=128, k=8)
+    torch.manual_seed(1)
+    for _ in range(50):                                         # build the running threshold
+        sae(torch.randn(256, 16))
+    sae.eval()
+    x = torch.randn(512, 16)
+    y_b, code_b = sae(x)
+    sae.to_jumprelu_()
+    y_j, code_j = sae(x)
+    assert sae.act_fn == "jumprelu"
+    assert abs(code_j.nnz_per_token(512).float().mean() - 8) < 0.8   # L0 within 10% of k
+    ev = 1 - (y_j - y_b).pow(2).sum() / (y_b - y_b.mean(0)).pow(2).sum()
+    assert ev > 0.95
+
+
+def test_save_load_round_trip(tmp_path):
+    for act_fn in ("jumprelu", "batchtopk"):
+        sae = make(act_fn)
+        sae(torch.randn(64, 16))
+        sae.eval()
+        x = torch.randn(16, 16)
+        before = sae(x)[0]
+        sae.save(tmp_path / act_fn, {"note": 1})
+        loaded = SAE.load(tmp_path / act_fn)
+        loaded.eval()
+        assert loaded.act_fn == act_fn and loaded.top_k == 4
+        assert torch.equal(loaded(x)[0], before)
+        assert torch.equal(loaded.threshold, sae.threshold)
+
+
+def test_load_of_a_wrong_folder_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        SAE.load(tmp_path)

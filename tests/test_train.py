@@ -1,0 +1,101 @@
+"""train.py: schedules, config validation and files, and real training runs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from sae import SAE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cfg(**kw):
+    return train.Config(**kw)
+
+
+def test_k_schedule_linear_with_cold_boot():
+    c = cfg(top_k=10, initial_k=50, k_cold_booting_steps=10, k_warmup_steps=20)
+    ks = [train.k_at(s, c, 100) for s in (0, 9, 10, 15, 20, 29, 30, 99)]
+    # hold 50 for 10 steps, then 50 - 40 * p rounded up, p = (s - 10) / 20
+    assert ks == [50, 50, 50, 40, 30, 12, 10, 10]
+
+
+def test_k_schedule_exponential_and_fractions():
+    c = cfg(top_k=10, initial_k=50, k_warmup_steps=0.5, k_schedule_type="exponential",
+            k_exponential_factor=3.0)
+    # warmup = 0.5 of 40 steps = 20 steps; k = 50 - 40 (1 - e^{-3p}) / (1 - e^{-3}), p = s / 20:
+    # s=5: 50 - 40 * 0.5276 / 0.9502 = 27.79 -> 28; s=10: 50 - 40 * 0.7769 / 0.9502 = 17.30 -> 18
+    assert [train.k_at(s, c, 40) for s in (0, 5, 10, 20, 39)] == [50, 28, 18, 10, 10]
+    assert train.k_at(0, cfg(top_k=7), 40) == 7     # no initial_k: constant
+
+
+def test_lr_schedule():
+    c = cfg(lr=1.0, lr_warmup_steps=10, lr_decay_steps=0.2, lr_end_ratio=1 / 32)
+    assert train.lr_at(0, c, 100) == pytest.approx(0.1)
+    assert train.lr_at(9, c, 100) == pytest.approx(1.0)
+    assert train.lr_at(50, c, 100) == 1.0
+    assert train.lr_at(80, c, 100) == pytest.approx(1.0)           # 20 left: decay starts
+    assert train.lr_at(90, c, 100) == pytest.approx(1 / 32 + (1 - 1 / 32) * 0.5)
+    assert train.lr_at(99, c, 100) == pytest.approx(1 / 32 + (1 - 1 / 32) / 20)
+
+
+def run_train(*args, timeout=600, env=None):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--act-fn", "gelu"], "act-fn"),
+    (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--top-k", "4608"], "must be below d_sae"),
+    (["--hook-point-in", "blocks.99.hook_resid_post"], "blocks.15.hook_resid_post"),
+    (["--hook-point-in", "blocks.3.hook_nonsense"], "is not one of this model's"),
+    (["--dataset", "./no/such/folder"], "does not exist"),
+    (["--batch-size", "1000", "--buffer-size", "1500"], "at least two batches"),
+])
+def test_bad_input_fails_fast_with_one_line(args, message):
+    r = run_train(*args, timeout=60)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Loading weights" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_batch_size_must_divide_over_processes():
+    r = run_train("--batch-size", "1001", env={"WORLD_SIZE": "2", "RANK": "0"}, timeout=60)
+    assert r.returncode == 2 and "not divisible by the 2 processes" in r.stderr
+
+
+def test_config_file_and_flags(tmp_path):
+    (tmp_path / "run.toml").write_text('act_fn = "batchtopk"\ntop_k = 16\nlr = 0.002\n')
+    c = train.parse_args(["--config", str(tmp_path / "run.toml"), "--lr", "3e-4"])
+    assert (c.act_fn, c.top_k, c.lr) == ("batchtopk", 16, 3e-4)
+    (tmp_path / "bad.yaml").write_text("act_fn: topk\ntop_kk: 16\n")
+    with pytest.raises(ValueError, match="top_kk"):
+        train.parse_args(["--config", str(tmp_path / "bad.yaml")])
+    (tmp_path / "bad.json").write_text('{"top_k": "many"}')
+    with pytest.raises(ValueError, match="top_k"):
+        train.parse_args(["--config", str(tmp_path / "bad.json")])
+
+
+def test_short_real_run_on_the_embedded_model(tmp_path):
+    """A real run on SmolLM2 and the bundled Austen text: the loss goes down, the saved folder
+    loads back with the same outputs, and held-out metrics are written."""
+    out = tmp_path / "run"
+    res = train.main(cfg(total_training_tokens=40_960, batch_size=512, buffer_size=4096,
+                         log_frequency=10, exp_result_path=str(out), eval_tokens=4096,
+                         model_batch_contexts=8, hook_point_in="blocks.5.hook_resid_post"))
+    lines = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert lines[-1]["mse"] < 0.7 * lines[0]["mse"]
+    assert res["l0"] == pytest.approx(64)
+    assert res["explained_variance"] > 0.5
+    sae = SAE.load(out)
+    assert sae.act_fn == "topk" and sae.d_in == 576 and sae.d_sae == 8 * 576
+    saved = json.load(open(out / "eval.json"))
+    assert saved["tokens"] == res["tokens"] > 3000
+    # the resolved config is itself a valid --config that reproduces the run's settings
+    again = train.parse_args(["--config", str(out / "train_config.json")])
+    assert train.run_config(again) == json.load(open(out / "train_config.json"))

@@ -1,0 +1,682 @@
+"""Train a sparse autoencoder (or a transcoder) on a language model's activations.
+
+    python train.py                                           # embedded SmolLM2-135M + Austen, CPU ok
+    python train.py --act-fn batchtopk --top-k 64             # one process (GPU if present, else CPU)
+    torchrun --nproc_per_node 8 train.py --act-fn topk        # data parallel, same flags
+    python train.py --config my_run.toml --lr 2e-4            # a config file; flags override it
+    python train.py --total-training-tokens 50_000 --log-frequency 5     # a CPU smoke run
+    python train.py --resume results/my_run                   # continue from the latest checkpoint
+    python train.py --eval-only results/my_run                # evaluate a saved SAE
+
+The config is one flat dataclass; every field is a flag (--act-fn, --top-k, ...); --help lists them.
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+import activations as acts
+from sae import SAE, Code
+
+
+@dataclass
+class Config:
+    # --- language model and text -------------------------------------------------------------
+    model: str = acts.EMBEDDED_MODEL
+    """LM to hook: the embedded SmolLM2-135M-Instruct (no network needed), or any HF name/path."""
+    model_dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    """dtype of the LM forward (bf16 is ~4x faster than fp32 on CPU; the SAE trains in --dtype)."""
+    dataset: str = acts.EMBEDDED_DATASET
+    """a folder of .txt/.txt.gz/.jsonl files (default: the bundled Austen novels) or an HF dataset."""
+    dataset_split: str = "train"
+    """split of an HF dataset."""
+    text_column: str = "text"
+    """column (or .jsonl key) that holds the text."""
+    context_size: int = 256
+    """tokens per context; each context starts with BOS."""
+    model_batch_contexts: int = 16
+    """contexts per LM forward."""
+    hook_point_in: str = "blocks.15.hook_resid_post"
+    """activation the SAE reads."""
+    hook_point_out: str | None = None
+    """activation it reconstructs; unset = hook_point_in (an SAE), else a transcoder."""
+    ignore_token_ids: list[int] = field(default_factory=list)
+    """token ids dropped from training, in addition to BOS, EOS and pad."""
+    eval_tokens: int = 32_768
+    """tokens at the start of the data held out for evaluation (never trained on)."""
+
+    # --- SAE ---------------------------------------------------------------------------------
+    act_fn: Literal["relu", "jumprelu", "topk", "batchtopk"] = "topk"
+    """activation function."""
+    expansion_factor: int = 8
+    """d_sae = expansion_factor * d_in."""
+    top_k: int = 64
+    """k of topk / batchtopk (mean L0 per token)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the SAE parameters."""
+    amp_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """autocast dtype of the SAE forward; parameters stay in --dtype."""
+    grid_search_init_norm: bool = True
+    """search the decoder-row norm with the lowest initial MSE (else rows start at norm 1)."""
+    normalize_activations: bool = True
+    """scale x (and y) so that mean ||x|| = sqrt(d); folded into the weights when saving."""
+
+    # --- sparsity ----------------------------------------------------------------------------
+    sparsity_loss: Literal["l1", "tanh"] | None = None
+    """penalty for relu / jumprelu; unset = l1 for relu, tanh for jumprelu."""
+    sparsity_coefficient: float | None = None
+    """lambda of the penalty; unset = a default that gives L0 ~ 60 on the embedded default."""
+    sparsity_warmup_steps: float = 0.05
+    """lambda grows linearly from 0 over these steps (a float in (0, 1): fraction of the run)."""
+    pre_act_loss_coefficient: float = 0.0
+    """JumpReLU pre-activation loss coefficient (0 = off)."""
+    jumprelu_threshold_window: float = 0.1
+    """width eps of the straight-through rectangle window around the threshold."""
+    jumprelu_init_threshold: float = 0.1
+    """initial JumpReLU threshold (in the normalized space)."""
+    jumprelu_lr_factor: float = 0.1
+    """learning rate of the thresholds = this * lr."""
+    use_auxk: bool = True
+    """AuxK loss for topk / batchtopk: dead latents learn to model the residual."""
+    aux_k: int = 512
+    """latents AuxK uses (at most the number of dead ones)."""
+    aux_k_coefficient: float = 1 / 32
+    """alpha of the AuxK loss."""
+    dead_tokens: int = 10_000_000
+    """a latent is dead after this many tokens without firing (capped at a tenth of the run)."""
+
+    # --- k schedule (topk / batchtopk) ------------------------------------------------------------
+    initial_k: int | None = None
+    """start with this k and anneal to top_k; unset = constant k."""
+    k_warmup_steps: float = 0.1
+    """steps to move k from initial_k to top_k (a float in (0, 1): fraction of the run)."""
+    k_cold_booting_steps: float = 0
+    """steps to hold k = initial_k before the warmup (int, or fraction of the run)."""
+    k_schedule_type: Literal["linear", "exponential"] = "linear"
+    """shape of the k warmup."""
+    k_exponential_factor: float = 3.0
+    """a of the exponential schedule."""
+
+    # --- optimization -------------------------------------------------------------------------
+    total_training_tokens: int = 800_000
+    """tokens to train on (the data repeats if it is shorter)."""
+    batch_size: int = 1024
+    """tokens per optimizer step, over all processes."""
+    buffer_size: int = 16_384
+    """tokens in the mixing buffer of each process (at least 2 batches)."""
+    perm_seed: int = 42
+    """seed of the mixing buffer's shuffles (rank r uses perm_seed + r)."""
+    generator_device: str | None = None
+    """device of the shuffling generator; unset = the training device."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    lr_warmup_steps: float = 0.01
+    """linear lr warmup (int steps, or a fraction of the run)."""
+    lr_decay_steps: float = 0.2
+    """linear decay at the end of the run to lr * lr_end_ratio."""
+    lr_end_ratio: float = 1 / 32
+    """final lr / lr."""
+    seed: int = 0
+    """seed of the SAE's initialization."""
+    device: str | None = None
+    """cuda when present, else cpu (under torchrun: cuda:LOCAL_RANK)."""
+
+    # --- output ------------------------------------------------------------------------------
+    exp_result_path: str = "results/sae"
+    """folder for config.json, sae.safetensors, eval.json and checkpoints."""
+    log_frequency: int = 50
+    """steps between status lines."""
+    checkpoint_every: int = 0
+    """steps between checkpoints (0 = only on SIGTERM / SIGINT)."""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep."""
+    wandb_project: str | None = None
+    """log to this W&B project (rank 0 only)."""
+    exp_name: str | None = None
+    """W&B run name (setting it alone also turns W&B on, project "nanosae")."""
+
+    # --- what to do (not part of a run's saved config) -------------------------------------------
+    config: str | None = None
+    """a .toml/.json/.yaml file of these fields; flags given after it override it."""
+    resume: str | None = None
+    """continue from a checkpoint file, or the latest one of a run folder."""
+    eval_only: str | None = None
+    """evaluate this saved SAE folder on held-out text and exit."""
+
+    def __post_init__(self):
+        # Checked before any model loads, so a typo costs a second, not a model load.
+        if self.top_k < 1:
+            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.expansion_factor < 1:
+            raise ValueError(f"--expansion-factor must be >= 1, got {self.expansion_factor}")
+        if self.batch_size < 1 or self.total_training_tokens < self.batch_size:
+            raise ValueError(f"--total-training-tokens ({self.total_training_tokens}) must be at "
+                             f"least one --batch-size ({self.batch_size})")
+        if self.buffer_size < 2 * self.batch_size:
+            raise ValueError(f"--buffer-size ({self.buffer_size}) must hold at least two batches "
+                             f"(2 * --batch-size = {2 * self.batch_size})")
+        if self.initial_k is not None and self.initial_k < self.top_k:
+            raise ValueError(f"--initial-k ({self.initial_k}) must be >= --top-k ({self.top_k}): "
+                             f"the schedule anneals k down to top_k")
+        if self.context_size < 2:
+            raise ValueError(f"--context-size must be >= 2, got {self.context_size}")
+        if _looks_local(self.dataset) and not os.path.isdir(self.dataset):
+            raise ValueError(f"--dataset {self.dataset} does not exist: give a folder of "
+                             f".txt/.txt.gz/.jsonl files or an HF dataset name (owner/name)")
+
+    def d_sae(self, d_in: int) -> int:
+        return self.expansion_factor * d_in
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than an HF dataset name (owner/name): it exists, starts like a path, has
+    more than one slash, or its first part is a local folder (e.g. a typo in data/austn)."""
+    return (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
+            or ("/" in name and os.path.isdir(name.split("/")[0])))
+
+
+def steps_of(x: float, total_steps: int) -> int:
+    """A step count given as an int, or as a float in (0, 1) meaning a fraction of the run."""
+    return round(x * total_steps) if 0 < x < 1 else int(x)
+
+
+def k_at(step: int, cfg: Config, total_steps: int) -> int:
+    """k schedule: hold initial_k for the cold boot, then move to top_k over the warmup,
+    linearly or exponentially, rounded up and never below top_k. No initial_k: constant."""
+    if cfg.initial_k is None:
+        return cfg.top_k
+    k0, kT = cfg.initial_k, cfg.top_k
+    cold, warm = steps_of(cfg.k_cold_booting_steps, total_steps), steps_of(cfg.k_warmup_steps, total_steps)
+    p = min(max(step - cold, 0) / max(warm, 1), 1.0)
+    if cfg.k_schedule_type == "linear":
+        k = k0 + (kT - k0) * p
+    else:
+        a = cfg.k_exponential_factor
+        k = k0 - (k0 - kT) * (1 - math.exp(-a * p)) / (1 - math.exp(-a))
+    return max(math.ceil(k - 1e-9), kT)
+
+
+def lr_at(step: int, cfg: Config, total_steps: int) -> float:
+    """Linear warmup, constant, linear decay over the last lr_decay_steps to lr * lr_end_ratio."""
+    warm = steps_of(cfg.lr_warmup_steps, total_steps)
+    decay = steps_of(cfg.lr_decay_steps, total_steps)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    left = total_steps - step
+    if left < decay:
+        return cfg.lr * (cfg.lr_end_ratio + (1 - cfg.lr_end_ratio) * left / decay)
+    return cfg.lr
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# checkpoints: one torch.save file per checkpoint, written under a temporary name and renamed,
+# so a crash mid-save never leaves a broken "latest"
+
+
+def latest_checkpoint(path: str) -> str:
+    """A checkpoint file, or the newest one in a run folder (or its checkpoints/ folder)."""
+    if os.path.isfile(path):
+        return path
+    folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    found = sorted(f for f in os.listdir(folder) if f.startswith("step_") and f.endswith(".pt")) \
+        if os.path.isdir(folder) else []
+    if not found:
+        raise FileNotFoundError(f"--resume {path}: no checkpoint there (expected step_*.pt files)")
+    return os.path.join(folder, found[-1])
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        return torch.load(latest_checkpoint(path), map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"--resume {path}: the checkpoint cannot be read ({e})") from None
+
+
+def save_checkpoint(folder: str, ckpt: dict, keep: int):
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step_{ckpt['step']:09d}.pt")
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    for old in sorted(f for f in os.listdir(folder) if f.startswith("step_") and f.endswith(".pt"))[:-keep]:
+        os.remove(os.path.join(folder, old))
+
+
+# -------------------------------------------------------------------------------------------------
+# evaluation on held-out contexts
+
+
+@torch.no_grad()
+def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) -> dict:
+    """Explained variance (sums, about the mean) and L0 of a raw-space SAE on the held-out
+    contexts: the first eval_tokens of the data, which training never sees."""
+    sae.eval()
+    hook_out = cfg.hook_point_out or cfg.hook_point_in
+    contexts = acts.iter_contexts(_texts(cfg), model.tokenizer, cfg.context_size,
+                                  held_out=cfg.eval_tokens // cfg.context_size, eval=True)
+    n, err, y_sum, y2, nnz = 0, 0.0, 0.0, 0.0, 0
+    for x, y, _ in acts.iter_activations(model, contexts, cfg.hook_point_in, hook_out, drop_ids,
+                                         cfg.model_batch_contexts, device):
+        x, y = x.to(sae.W_enc.dtype), y.float()
+        y_hat, code = sae(x)
+        n, err = n + len(y), err + (y_hat.float() - y).pow(2).sum().item()
+        y_sum, y2 = y_sum + y.sum(0), y2 + y.pow(2).sum().item()
+        nnz += code.nnz_per_token(len(x)).sum().item()
+    return {"explained_variance": 1 - err / (y2 - (y_sum.pow(2).sum() / n).item()),
+            "l0": nnz / n, "mse": err / n, "tokens": n}
+
+
+def _texts(cfg: Config):
+    return lambda: acts.iter_texts(cfg.dataset, cfg.dataset_split, cfg.text_column)
+
+
+# -------------------------------------------------------------------------------------------------
+# the run
+
+
+# Penalty coefficients that give L0 ~ 60 at the defaults on the embedded model (normalized space).
+DEFAULT_SPARSITY_COEFFICIENT = {"l1": 5e-3, "tanh": 5e-3}
+
+
+class Window:
+    """Sums over the steps between two status lines (SPEC: ratios of sums, not means of ratios)."""
+
+    def __init__(self, d_sae: int, d_out: int, device):
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)   # n, err, sum y^2, nnz
+        self.y_sum = torch.zeros(d_out, dtype=torch.float64, device=device)
+        self.fired = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.terms: dict[str, float] = {}
+        self.steps = 0
+
+    def add(self, y, y_hat, code: Code, fired, terms: dict):
+        B = len(y)
+        self.sums += torch.stack([torch.tensor(B, device=y.device), (y - y_hat).pow(2).sum(),
+                                  y.pow(2).sum(), code.nnz_per_token(B).sum()]).double()
+        self.y_sum += y.sum(0).double()
+        self.fired += fired.double()
+        for name, v in terms.items():
+            self.terms[name] = self.terms.get(name, 0.0) + v.item()
+        self.steps += 1
+
+    def read(self, world: int) -> dict:
+        if world > 1:
+            for t in (self.sums, self.y_sum):
+                dist.all_reduce(t)
+        n, err, y2, nnz = self.sums.tolist()
+        freq = self.fired / (n * world if world > 1 else n)    # fired is summed over ranks already
+        return {"n": n / world, "explained_variance": 1 - err / (y2 - self.y_sum.pow(2).sum().item() / n),
+                "l0": nnz / n, **{k: v / self.steps for k, v in self.terms.items()},
+                "ultra_rare": (freq < 1e-5).float().mean().item(),
+                "dense": (freq > 1e-1).float().mean().item()}
+
+
+def log(m: dict, bar, wandb_run, log_dir: str):
+    """The fixed-format status line (rank 0) and the same numbers to W&B."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    terms = " ".join(f"{k} {m[k]:.4g}" for k in ("mse", "sparsity", "pre_act", "auxk") if k in m)
+    bar.write(f"step {m['step']:6d} | tokens {m['tokens']:,} | loss {m['loss']:.4g} ({terms}) | "
+              f"ev {m['explained_variance']:.4f} | l0 {m['l0']:.1f} | dead {m['dead']:.3f} | "
+              f"rare {m['ultra_rare']:.3f} | dense {m['dense']:.3f} | k {m['k']} | lr {m['lr']:.2e} | "
+              f"{m['tokens_per_s']:,.0f} tok/s")
+    with open(os.path.join(log_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(m) + "\n")
+    if wandb_run:
+        wandb_run.log({f"train/{k}": v for k, v in m.items() if k not in ("step", "n")}, step=m["step"])
+
+
+def progress_bar(total: int, done: int, rank: int):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=done, unit="tok", unit_scale=True, dynamic_ncols=True,
+                disable=True if rank else None, file=sys.stderr)
+
+
+def start_wandb(cfg: Config, ckpt: dict | None):
+    import wandb                                 # lazily: only runs that ask for W&B need it
+    run_id = ckpt.get("wandb_id") if ckpt else None
+    return wandb.init(project=cfg.wandb_project or "nanosae", name=cfg.exp_name, config=run_config(cfg),
+                      id=run_id, resume="allow" if run_id else None, dir=cfg.exp_result_path)
+
+
+# -------------------------------------------------------------------------------------------------
+# config files: flat keys named like the Config fields; command-line flags override them
+
+NOT_SAVED = ("config", "resume", "eval_only")                   # actions, not part of a run
+
+
+def run_config(cfg: Config) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SAVED}
+
+
+def write_config(cfg: Config, path: str):
+    with open(path + ".tmp", "w") as f:
+        json.dump(run_config(cfg), f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def read_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path}: no such file")
+    with open(path, "rb") as f:
+        if path.endswith(".toml"):
+            import tomllib
+            values = tomllib.load(f)
+        elif path.endswith((".yaml", ".yml")):
+            import yaml
+            values = yaml.safe_load(f) or {}
+        elif path.endswith(".json"):
+            values = json.load(f)
+        else:
+            raise ValueError(f"--config {path}: use a .toml, .json, .yaml or .yml file")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for key, value in values.items():
+        if key not in fields or key in NOT_SAVED:
+            raise ValueError(f"--config {path}: unknown key {key!r} (keys are Config fields, "
+                             f"e.g. act_fn, top_k, lr)")
+        if not _type_ok(value, fields[key].type):
+            raise ValueError(f"--config {path}: {key} = {value!r} should be of type {fields[key].type}")
+    return values
+
+
+def _type_ok(value, tp) -> bool:
+    import typing
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (typing.Union, __import__("types").UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+
+
+def _check_compatible(saved: dict, cfg: Config, sae: SAE):
+    """A checkpoint continues only the run that wrote it: the fields that shape the SAE, the data
+    or the schedule must match."""
+    keys = ("model", "dataset", "hook_point_in", "hook_point_out", "act_fn", "expansion_factor",
+            "top_k", "batch_size", "total_training_tokens", "context_size", "buffer_size",
+            "perm_seed", "dtype", "eval_tokens")
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in keys
+            if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        raise ValueError("--resume: the checkpoint comes from a different run (" + "; ".join(diff) + ")")
+
+
+def parse_args(argv: list[str]) -> Config:
+    """tyro flags over an optional --config file over, when resuming, the run's own config."""
+    import tyro
+    defaults = {}
+    for flag, reader in (("--resume", lambda p: load_checkpoint(p)["config"]),
+                         ("--config", read_config_file)):
+        for i, a in enumerate(argv):
+            if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
+                value = a.split("=", 1)[1] if "=" in a else argv[i + 1]
+                defaults.update(reader(value))
+    return tyro.cli(Config, args=argv, default=Config(**defaults) if defaults else None)
+
+
+def main(cfg: Config) -> dict:
+    # --- distributed prologue: torchrun sets RANK / WORLD_SIZE; without them, one process -------
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    if world > 1:
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    B = cfg.batch_size // world                                  # this rank's share of a step
+    total_steps = cfg.total_training_tokens // cfg.batch_size
+    hook_out = cfg.hook_point_out or cfg.hook_point_in
+    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
+    ckpt_dir = os.path.join(cfg.exp_result_path, "checkpoints")
+    if not ckpt and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        raise ValueError(f"{cfg.exp_result_path} holds checkpoints of another run: continue it with "
+                         f"--resume {cfg.exp_result_path}, or pick another --exp-result-path")
+    if ckpt and len(ckpt["data"]) != world:
+        raise ValueError(f"--resume: the checkpoint was written by {len(ckpt['data'])} processes, "
+                         f"this run has {world}; resume with the same --nproc_per_node")
+    n_layers, d_model = acts.model_dims(cfg.model)
+    for h in (cfg.hook_point_in, hook_out):
+        acts.check_hook_point(h, n_layers)
+    if "resid" in cfg.hook_point_in and cfg.top_k >= cfg.d_sae(d_model):
+        raise ValueError(f"--top-k {cfg.top_k} must be below d_sae = {cfg.d_sae(d_model)}")
+    torch.manual_seed(cfg.seed)
+
+    # --- the language model and the activation stream ------------------------------------------
+    model = acts.load_model(cfg.model, cfg.model_dtype, device)
+    d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, hook_out)
+    drop_ids = acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids)
+    data = ckpt["data"][rank] if ckpt else {"next_context": 0, "mix": {}}
+
+    def chunks():
+        contexts = acts.iter_contexts(_texts(cfg), model.tokenizer, cfg.context_size, rank, world,
+                                      held_out=cfg.eval_tokens // cfg.context_size,
+                                      start=data["next_context"])
+        for x, y, last in acts.iter_activations(model, contexts, cfg.hook_point_in, hook_out,
+                                                drop_ids, cfg.model_batch_contexts, device):
+            data["next_context"] = last + 1
+            yield torch.cat([x, y], dim=1)
+
+    def stream():
+        """Yields (x, y, data position after this batch); rank r's buffer is seeded perm_seed + r."""
+        for xy in acts.mix(chunks(), cfg.buffer_size, B, cfg.perm_seed + rank,
+                           cfg.generator_device or device, data["mix"]):
+            xy = xy.to(getattr(torch, cfg.dtype))
+            yield xy[:, :d_in], xy[:, d_in:], {"next_context": data["next_context"],
+                                               "mix": dict(data["mix"])}
+    batches = stream()
+
+    # --- the SAE: normalization and init from the first batch, or the checkpoint ---------------
+    d_sae = cfg.d_sae(d_in)
+    if not 1 <= cfg.top_k < d_sae:
+        raise ValueError(f"--top-k {cfg.top_k} must be in [1, d_sae = {d_sae})")
+    sae = SAE(d_in, d_sae, cfg.act_fn, cfg.top_k, d_out, hook_out != cfg.hook_point_in,
+              cfg.jumprelu_threshold_window, cfg.jumprelu_init_threshold,
+              dtype=getattr(torch, cfg.dtype), device=device)
+    params = [p for n, p in sae.named_parameters() if n != "log_threshold"]
+    opt = torch.optim.Adam([{"params": params},
+                            {"params": [sae.log_threshold], "lr_factor": cfg.jumprelu_lr_factor}],
+                           lr=cfg.lr, betas=(0.9, 0.999))
+    dead_tokens = min(cfg.dead_tokens, cfg.total_training_tokens // 10)
+    since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)   # tokens since last fire
+    step, first = 0, None
+    if ckpt:
+        _check_compatible(ckpt["config"], cfg, sae)
+        sae.load_state_dict(ckpt["sae"])
+        opt.load_state_dict(ckpt["opt"])
+        s_in, s_out, step = ckpt["s_in"], ckpt["s_out"], ckpt["step"]
+        since_fired.copy_(ckpt["since_fired"])
+        torch.set_rng_state(ckpt["rng"])
+        print0(f"resumed from step {step} ({cfg.resume})")
+    else:
+        first = next(batches)
+        x0, y0 = first[0].float(), first[1].float()
+        # One dataset-wide constant each for x and y so that mean ||x|| = sqrt(d). Averaged over
+        # ranks, like the initial b_dec, so that every rank starts from the same SAE.
+        s = torch.tensor([d_in ** 0.5 / x0.norm(dim=1).mean(), d_out ** 0.5 / y0.norm(dim=1).mean()],
+                         device=device) if cfg.normalize_activations else torch.ones(2, device=device)
+        mean_y = y0.mean(0) * s[1]
+        if world > 1:
+            dist.all_reduce(s), dist.all_reduce(mean_y)
+            s, mean_y = s / world, mean_y / world
+        s_in, s_out = s.tolist()
+        with torch.no_grad():
+            sae.b_dec.copy_(mean_y)                            # b_dec = mean of the targets
+        if cfg.grid_search_init_norm:
+            sae.train()
+            r = sae.grid_search_init_norm_((x0 * s_in).to(sae.W_enc.dtype), y0 * s_out)
+            sae.threshold.fill_(-1.0)                          # forget the search's batches
+            print0(f"grid search: decoder rows start at norm {r:.3f}")
+    if rank == 0:
+        os.makedirs(cfg.exp_result_path, exist_ok=True)
+        write_config(cfg, os.path.join(cfg.exp_result_path, "train_config.json"))
+        if not ckpt and os.path.exists(os.path.join(cfg.exp_result_path, "log.jsonl")):
+            os.remove(os.path.join(cfg.exp_result_path, "log.jsonl"))
+    penalty = cfg.sparsity_loss or ("l1" if cfg.act_fn == "relu" else "tanh")
+    coef = cfg.sparsity_coefficient if cfg.sparsity_coefficient is not None else \
+        DEFAULT_SPARSITY_COEFFICIENT[penalty]
+    wandb_run = start_wandb(cfg, ckpt) if rank == 0 and (cfg.wandb_project or cfg.exp_name) else None
+
+    # SIGTERM / SIGINT: finish the step, write a checkpoint, exit 0.
+    stop = {"now": False}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.update(now=True))
+
+    # --- training loop --------------------------------------------------------------------------
+    autocast = torch.autocast(torch.device(device).type, dtype=getattr(torch, cfg.amp_dtype),
+                              enabled=cfg.amp_dtype != "float32")
+    window = Window(d_sae, d_out, device)
+    bar = progress_bar(total_steps * cfg.batch_size, step * cfg.batch_size, rank)
+    t0 = time.time()
+    while step < total_steps:
+        x, y, snap = first if first is not None else next(batches)
+        first = None
+        x, y = x * s_in, y * s_out
+        k, lr = k_at(step, cfg, total_steps), lr_at(step, cfg, total_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr * group.get("lr_factor", 1.0)
+        sae.train()
+        with autocast:
+            y_hat, code = sae(x, k)
+            mse = (y_hat.float() - y.float()).pow(2).sum(-1).mean()
+            terms = {"mse": mse}
+            if cfg.act_fn in ("relu", "jumprelu"):
+                warm = min(1.0, (step + 1) / max(steps_of(cfg.sparsity_warmup_steps, total_steps), 1))
+                terms["sparsity"] = coef * warm * sae.sparsity_loss(code, penalty)
+                if cfg.act_fn == "jumprelu" and cfg.pre_act_loss_coefficient > 0:
+                    terms["pre_act"] = cfg.pre_act_loss_coefficient * sae.pre_act_loss(code)
+            elif cfg.use_auxk:
+                terms["auxk"] = cfg.aux_k_coefficient * sae.auxk_loss(
+                    code, y.float() - y_hat.float(), since_fired >= dead_tokens, cfg.aux_k)
+            loss = sum(terms.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            # Average gradients over ranks: each rank's loss is a mean over its B tokens.
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in sae.parameters()]
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            flat /= world
+            for g, p, new in zip(grads, sae.parameters(), flat.split([g.numel() for g in grads])):
+                p.grad = new.view_as(g)
+        opt.step()
+
+        # State that is not a parameter, made identical on every rank explicitly.
+        fired = code.fired(d_sae)
+        if world > 1:
+            dist.all_reduce(fired)                                     # dead-latent counters
+            if cfg.act_fn == "batchtopk":
+                dist.all_reduce(sae.threshold)                         # running BatchTopK threshold
+                sae.threshold /= world
+        since_fired += cfg.batch_size
+        since_fired[fired > 0] = 0
+        step += 1
+        bar.update(cfg.batch_size)
+        window.add(y.float(), y_hat.detach().float(), code, fired, {**terms, "loss": loss})
+
+        if step % cfg.log_frequency == 0 or step == total_steps:
+            m = window.read(world)
+            m.update(step=step, tokens=step * cfg.batch_size, k=k, lr=lr,
+                     dead=(since_fired >= dead_tokens).float().mean().item(),
+                     tokens_per_s=m["n"] * world / (time.time() - t0))
+            log(m, bar, wandb_run, cfg.exp_result_path)
+            window, t0 = Window(d_sae, d_out, device), time.time()
+
+        # Checkpoint every checkpoint_every steps and on a signal (every rank agrees to stop).
+        stop_now = torch.tensor(float(stop["now"]), device=device)
+        if world > 1:
+            dist.all_reduce(stop_now)
+        if stop_now > 0 or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            state = dict(step=step, sae=sae.state_dict(), opt=opt.state_dict(), s_in=s_in,
+                         s_out=s_out, since_fired=since_fired.cpu(), rng=torch.get_rng_state(),
+                         config=run_config(cfg), wandb_id=wandb_run.id if wandb_run else None)
+            all_data = [None] * world
+            if world > 1:
+                dist.all_gather_object(all_data, snap)
+            else:
+                all_data = [snap]
+            if rank == 0:
+                save_checkpoint(ckpt_dir,
+                                {**state, "data": all_data}, cfg.keep_checkpoints)
+            if stop_now > 0:
+                print0(f"stopped by a signal at step {step}; checkpoint written, resume with "
+                       f"--resume {cfg.exp_result_path}")
+                bar.close()
+                _finish(world)
+                return {"stopped_at": step}
+    bar.close()
+
+    # --- save (normalization folded into the weights) and evaluate on held-out text ------------
+    result = {}
+    if rank == 0:
+        sae_raw = SAE(**sae.config(), dtype=sae.W_enc.dtype, device=device)
+        sae_raw.load_state_dict(sae.state_dict())
+        sae_raw.fold_scales_(s_in, s_out)
+        extra = {"train": run_config(cfg), "norm_scale_in": s_in, "norm_scale_out": s_out}
+        sae_raw.save(cfg.exp_result_path, extra)
+        result = evaluate(sae_raw, model, cfg, drop_ids, device)
+        print0(f"held-out ({result['tokens']} tokens): explained variance "
+               f"{result['explained_variance']:.4f}, L0 {result['l0']:.1f}")
+        if cfg.act_fn == "batchtopk":
+            sae_raw.to_jumprelu_()
+            sae_raw.save(os.path.join(cfg.exp_result_path, "jumprelu"), extra)
+            result["jumprelu"] = evaluate(sae_raw, model, cfg, drop_ids, device)
+            print0(f"held-out, converted to JumpReLU: explained variance "
+                   f"{result['jumprelu']['explained_variance']:.4f}, L0 {result['jumprelu']['l0']:.1f}")
+        with open(os.path.join(cfg.exp_result_path, "eval.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        if wandb_run:
+            wandb_run.summary.update({f"eval/{k}": v for k, v in result.items() if not isinstance(v, dict)})
+            wandb_run.finish()
+    _finish(world)
+    return result
+
+
+def _finish(world: int):
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+
+def eval_only(folder: str) -> dict:
+    """Evaluate a saved SAE folder on the held-out text of the run that trained it."""
+    sae = SAE.load(folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = Config(**json.load(f)["train"])
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = acts.load_model(cfg.model, cfg.model_dtype, device)
+    result = evaluate(sae.to(device), model, cfg, acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids), device)
+    print(json.dumps(result, indent=2))
+    return result
+
+if __name__ == "__main__":
+    try:
+        cfg = parse_args(sys.argv[1:])
+        if cfg.eval_only:
+            eval_only(cfg.eval_only)
+        else:
+            main(cfg)
+    except (ValueError, FileNotFoundError) as e:     # bad input: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
