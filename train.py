@@ -239,12 +239,14 @@ def latest_checkpoint(path: str) -> str:
 
 
 def load_checkpoint(path: str) -> dict:
+    file = latest_checkpoint(path)
     try:
-        return torch.load(latest_checkpoint(path), map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise ValueError(f"--resume {path}: the checkpoint cannot be read ({e})") from None
+        ckpt = torch.load(file, map_location="cpu", weights_only=False)
+        assert isinstance(ckpt, dict) and {"sae", "opt", "data", "config"} <= set(ckpt)
+        return ckpt
+    except Exception as e:                               # truncated, corrupt, or not ours
+        raise ValueError(f"--resume {path}: the checkpoint {file} cannot be read "
+                         f"({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def save_checkpoint(folder: str, ckpt: dict, keep: int):
@@ -625,6 +627,11 @@ def main(cfg: Config) -> dict:
                 _finish(world)
                 return {"stopped_at": step}
     bar.close()
+    if world > 1:                      # every rank must hold the same SAE: check it, don't assume
+        flat = torch.cat([p.detach().flatten() for p in sae.parameters()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        assert torch.equal(ref, flat), f"rank {rank} ended with weights that differ from rank 0's"
 
     # --- save (normalization folded into the weights) and evaluate on held-out text ------------
     result = {}
