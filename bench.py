@@ -162,18 +162,18 @@ def bench_lm(a) -> dict:
         drop = acts.special_token_ids(bridge.tokenizer)
         t_bridge = timeit(lambda: list(acts.iter_activations(bridge, iter(batch), HOOK, HOOK, drop, n, a.device)),
                           a.device, *a.lm_reps)
-        del bridge
-        raw = transformers.AutoModelForCausalLM.from_pretrained(acts.embedded_model_path(), dtype=acts.DTYPES[dtype]).to(a.device)
-        raw.model.layers = raw.model.layers[:acts.hook_layer(HOOK) + 1]     # blocks 0..15, as stop_at_layer
-        raw.eval()
+        raw = transformers.AutoModelForCausalLM.from_pretrained(acts.embedded_model_path(),
+                                                                dtype=acts.DTYPES[dtype]).to(a.device).eval()
+        raw.model.layers = raw.model.layers[:acts.hook_layer(HOOK) + 1]  # blocks 0..15, as stop_at_layer
         tokens_BT = torch.stack([c for _, c in batch]).to(a.device)
         with torch.no_grad():
             t_raw = timeit(lambda: raw.model(tokens_BT), a.device, *a.lm_reps)
-        del raw
         # Both rates count every position of the contexts (the bridge's output drops BOS, 1 in 256).
         ratios[name] = t_raw / t_bridge
         rows.append([name, f"{n * 256 / t_bridge:,.0f}", f"{n * 256 / t_raw:,.0f}", f"{ratios[name]:.2f}x"])
-    print(f"{n} contexts of 256 tokens per forward, up to {HOOK}")
+        attn = (bridge.original_model.config._attn_implementation, raw.config._attn_implementation)
+        del bridge, raw
+    print(f"{n} contexts of 256 tokens per forward, up to {HOOK}; attention: bridge {attn[0]}, raw {attn[1]}")
     table(["dtype", "bridge tokens/s", "raw HF tokens/s", "bridge/raw"], rows)
     return ratios
 

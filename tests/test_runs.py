@@ -77,17 +77,34 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tiny_model_path, tmp
     assert len(checkpoints(cut)) == 2                              # only the newest are kept
 
 
-def test_sigterm_writes_a_checkpoint_at_that_step_and_exits_0(tiny_model_path, tmp_path):
+def wandb_runs(out):
+    """Offline W&B run folders of a run: {run id: bytes of its .wandb record file}."""
+    files = glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb"))
+    return [(os.path.basename(f)[4:-6], open(f, "rb").read()) for f in sorted(files)]
+
+
+def test_sigterm_checkpoints_at_that_step_exits_0_and_resume_continues_wandb(tiny_model_path, tmp_path):
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "train.py", *args_for(tiny_model_path, out, steps=5000)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    argv = args_for(tiny_model_path, out, "--wandb-project", "nanosae-test", steps=150)
+    p = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
     while not os.path.exists(out / "log.jsonl"):                   # wait for a status line
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     stdout, _ = p.communicate(timeout=120)
     assert p.returncode == 0
     step = int(stdout.split("stopped by a signal at step ")[1].split(";")[0])
+    assert step < 150
     assert [os.path.basename(c) for c in checkpoints(out)][-1] == f"step_{step:09d}.pt"
+    run(argv + ["--resume", str(out)], env=env)
+    # W&B: the resumed run continues the same run id, and the offline records hold the metrics
+    # under stable names, once per status line.
+    (id1, rec1), (id2, rec2) = wandb_runs(out)
+    assert id1 == id2
+    n_lines = sum(1 for _ in open(out / "log.jsonl"))
+    assert rec1.count(b"train/explained_variance") + rec2.count(b"train/explained_variance") >= n_lines
+    assert b"train/l0" in rec2 and b"eval/explained_variance" in rec2
 
 
 def test_resume_errors_are_one_line_and_destroy_nothing(tiny_model_path, tmp_path):
