@@ -52,6 +52,10 @@ class Config:
     """token ids dropped from training, in addition to BOS, EOS and pad."""
     eval_tokens: int = 32_768
     """tokens at the start of the data held out for evaluation (never trained on)."""
+    eval_dataset: str | None = None
+    """evaluate on the first eval_tokens of this dataset instead (then nothing is held out)."""
+    eval_every: int = 0
+    """steps between held-out evaluations during training (0 = only at the end)."""
 
     # --- SAE ---------------------------------------------------------------------------------
     act_fn: Literal["relu", "jumprelu", "topk", "batchtopk"] = "topk"
@@ -264,26 +268,67 @@ def save_checkpoint(folder: str, ckpt: dict, keep: int):
 
 @torch.no_grad()
 def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) -> dict:
-    """Explained variance (sums, about the mean) and L0 of a raw-space SAE on the held-out
-    contexts: the first eval_tokens of the data, which training never sees."""
+    """A raw-space SAE on the held-out contexts (the first eval_tokens of the data, never trained
+    on): explained variance (sums, about the mean), L0, dead / ultra-rare latents, and the LM's
+    next-token loss with the activation at hook_point_out replaced by the reconstruction, against
+    the clean loss and zero-ablation (SPEC, "Metrics"). BOS/EOS/pad positions stay clean."""
     sae.eval()
     hook_out = cfg.hook_point_out or cfg.hook_point_in
-    contexts = acts.iter_contexts(_texts(cfg), model.tokenizer, cfg.context_size,
-                                  held_out=cfg.eval_tokens // cfg.context_size, eval=True)
-    n, err, y_sum, y2, nnz = 0, 0.0, 0.0, 0.0, 0
-    for x, y, _ in acts.iter_activations(model, contexts, cfg.hook_point_in, hook_out, drop_ids,
-                                         cfg.model_batch_contexts, device):
-        x, y = x.to(sae.W_enc.dtype), y.float()
+    hooks = sorted({cfg.hook_point_in, hook_out})
+    contexts = [c for _, c in acts.iter_contexts(_texts(cfg, cfg.eval_dataset), model.tokenizer, cfg.context_size,
+                                                 held_out=cfg.eval_tokens // cfg.context_size, eval=True)]
+    n, err, y_sum, y2, nnz, fired = 0, 0.0, 0.0, 0.0, 0, torch.zeros(sae.d_sae, device=device)
+    ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    kl, n_pred = 0.0, 0
+    for i in range(0, len(contexts), cfg.model_batch_contexts):
+        tokens = torch.stack(contexts[i:i + cfg.model_batch_contexts]).to(device)
+        keep = ~torch.isin(tokens, drop_ids.to(device))
+        _, cache = model.run_with_cache(tokens, names_filter=hooks, stop_at_layer=acts.hook_stop_layer(hooks))
+        x, y = cache[cfg.hook_point_in][keep].to(sae.W_enc.dtype), cache[hook_out][keep].float()
         y_hat, code = sae(x)
-        n, err = n + len(y), err + (y_hat.float() - y).pow(2).sum().item()
+        y_hat = y_hat.float()
+        n, err = n + len(y), err + (y_hat - y).pow(2).sum().item()
         y_sum, y2 = y_sum + y.sum(0), y2 + y.pow(2).sum().item()
         nnz += code.nnz_per_token(len(x)).sum().item()
+        fired += code.fired(sae.d_sae)
+        # the LM with the reconstruction spliced in, clean, and zero-ablated at the same positions
+        new = torch.zeros(*tokens.shape, y.shape[1], device=device)
+        new[keep] = y_hat
+        target = tokens[:, 1:, None]
+        lp_clean = acts.next_token_logprobs(model, tokens)
+        lp_sae = acts.next_token_logprobs(model, tokens, hook_out, new, keep)
+        lp_zero = acts.next_token_logprobs(model, tokens, hook_out, torch.zeros_like(new), keep)
+        for name, lp in (("clean", lp_clean), ("sae", lp_sae), ("zero", lp_zero)):
+            ce[name] -= lp.gather(-1, target).sum().item()
+        kl += (lp_clean.exp() * (lp_clean - lp_sae)).sum().item()
+        n_pred += target.numel()
+    l_clean, l_sae, l_zero = (ce[k] / n_pred for k in ("clean", "sae", "zero"))
+    freq = fired / n
     return {"explained_variance": 1 - err / (y2 - (y_sum.pow(2).sum() / n).item()),
-            "l0": nnz / n, "mse": err / n, "tokens": n}
+            "l0": nnz / n, "mse": err / n, "dead": (fired == 0).float().mean().item(),
+            "ultra_rare": (freq < 1e-5).float().mean().item(),
+            "ce_loss_clean": l_clean, "ce_loss_sae": l_sae, "ce_loss_zero": l_zero,
+            "ce_loss_recovered": (l_zero - l_sae) / (l_zero - l_clean), "delta_lm_loss": l_sae - l_clean,
+            "kl_clean_sae": kl / n_pred, "tokens": n, "predicted_tokens": n_pred}
 
 
-def _texts(cfg: Config):
-    return lambda: acts.iter_texts(cfg.dataset, cfg.dataset_split, cfg.text_column)
+def print_eval(result: dict, title: str):
+    print0(f"--- {title} ---")
+    for k, v in result.items():
+        if not isinstance(v, dict):
+            print0(f"  {k:<20s} {v:.4f}" if isinstance(v, float) else f"  {k:<20s} {v}")
+
+
+def _texts(cfg: Config, dataset: str | None = None):
+    return lambda: acts.iter_texts(dataset or cfg.dataset, cfg.dataset_split, cfg.text_column)
+
+
+def folded(sae: SAE, s_in: float, s_out: float) -> SAE:
+    """A copy of the SAE that takes raw activations (the normalization folded into it)."""
+    raw = SAE(**sae.config(), dtype=sae.W_enc.dtype, device=sae.W_enc.device)
+    raw.load_state_dict(sae.state_dict())
+    raw.fold_scales_(s_in, s_out)
+    return raw
 
 
 # -------------------------------------------------------------------------------------------------
@@ -364,9 +409,9 @@ def run_config(cfg: Config) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SAVED}
 
 
-def write_config(cfg: Config, path: str):
+def write_json(obj: dict, path: str):
     with open(path + ".tmp", "w") as f:
-        json.dump(run_config(cfg), f, indent=2)
+        json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)
 
 
@@ -471,9 +516,9 @@ def main(cfg: Config) -> dict:
     data = ckpt["data"][rank] if ckpt else {"next_context": 0, "mix": {}}
 
     def chunks():
+        held_out = 0 if cfg.eval_dataset else cfg.eval_tokens // cfg.context_size
         contexts = acts.iter_contexts(_texts(cfg), model.tokenizer, cfg.context_size, rank, world,
-                                      held_out=cfg.eval_tokens // cfg.context_size,
-                                      start=data["next_context"])
+                                      held_out=held_out, start=data["next_context"])
         for x, y, last in acts.iter_activations(model, contexts, cfg.hook_point_in, hook_out,
                                                 drop_ids, cfg.model_batch_contexts, device):
             data["next_context"] = last + 1
@@ -531,7 +576,7 @@ def main(cfg: Config) -> dict:
             print0(f"grid search: decoder rows start at norm {r:.3f}")
     if rank == 0:
         os.makedirs(cfg.exp_result_path, exist_ok=True)
-        write_config(cfg, os.path.join(cfg.exp_result_path, "train_config.json"))
+        write_json(run_config(cfg), os.path.join(cfg.exp_result_path, "train_config.json"))
         if not ckpt and os.path.exists(os.path.join(cfg.exp_result_path, "log.jsonl")):
             os.remove(os.path.join(cfg.exp_result_path, "log.jsonl"))
     penalty = cfg.sparsity_loss or ("l1" if cfg.act_fn == "relu" else "tanh")
@@ -604,6 +649,12 @@ def main(cfg: Config) -> dict:
             log(m, bar, wandb_run, cfg.exp_result_path)
             window, t0 = Window(d_sae, d_out, device), time.time()
 
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and rank == 0:
+            result = evaluate(folded(sae, s_in, s_out), model, cfg, drop_ids, device)
+            print_eval(result, f"held-out evaluation at step {step}")
+            if wandb_run:
+                wandb_run.log({f"eval/{k}": v for k, v in result.items()}, step=step)
+
         # Checkpoint every checkpoint_every steps and on a signal (every rank agrees to stop).
         stop_now = torch.tensor(float(stop["now"]), device=device)
         if world > 1:
@@ -636,24 +687,21 @@ def main(cfg: Config) -> dict:
     # --- save (normalization folded into the weights) and evaluate on held-out text ------------
     result = {}
     if rank == 0:
-        sae_raw = SAE(**sae.config(), dtype=sae.W_enc.dtype, device=device)
-        sae_raw.load_state_dict(sae.state_dict())
-        sae_raw.fold_scales_(s_in, s_out)
+        sae_raw = folded(sae, s_in, s_out)
         extra = {"train": run_config(cfg), "norm_scale_in": s_in, "norm_scale_out": s_out}
         sae_raw.save(cfg.exp_result_path, extra)
         result = evaluate(sae_raw, model, cfg, drop_ids, device)
-        print0(f"held-out ({result['tokens']} tokens): explained variance "
-               f"{result['explained_variance']:.4f}, L0 {result['l0']:.1f}")
+        print_eval(result, f"held-out evaluation ({cfg.exp_result_path})")
+        write_json(result, os.path.join(cfg.exp_result_path, "eval.json"))
         if cfg.act_fn == "batchtopk":
             sae_raw.to_jumprelu_()
-            sae_raw.save(os.path.join(cfg.exp_result_path, "jumprelu"), extra)
+            folder = os.path.join(cfg.exp_result_path, "jumprelu")
+            sae_raw.save(folder, extra)
             result["jumprelu"] = evaluate(sae_raw, model, cfg, drop_ids, device)
-            print0(f"held-out, converted to JumpReLU: explained variance "
-                   f"{result['jumprelu']['explained_variance']:.4f}, L0 {result['jumprelu']['l0']:.1f}")
-        with open(os.path.join(cfg.exp_result_path, "eval.json"), "w") as f:
-            json.dump(result, f, indent=2)
+            print_eval(result["jumprelu"], f"converted to JumpReLU ({folder})")
+            write_json(result["jumprelu"], os.path.join(folder, "eval.json"))
         if wandb_run:
-            wandb_run.summary.update({f"eval/{k}": v for k, v in result.items() if not isinstance(v, dict)})
+            wandb_run.log({f"eval/{k}": v for k, v in result.items() if not isinstance(v, dict)}, step=step)
             wandb_run.finish()
     _finish(world)
     return result
@@ -666,22 +714,25 @@ def _finish(world: int):
 
 
 
-def eval_only(folder: str) -> dict:
-    """Evaluate a saved SAE folder on the held-out text of the run that trained it."""
+def eval_only(folder: str, eval_dataset: str | None = None) -> dict:
+    """Evaluate a saved SAE folder on the held-out text of its run (or on eval_dataset), print
+    the table and write eval.json into the folder."""
     sae = SAE.load(folder)
     with open(os.path.join(folder, "config.json")) as f:
-        cfg = Config(**json.load(f)["train"])
+        cfg = Config(**{**json.load(f)["train"], **({"eval_dataset": eval_dataset} if eval_dataset else {})})
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = acts.load_model(cfg.model, cfg.model_dtype, device)
-    result = evaluate(sae.to(device), model, cfg, acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids), device)
-    print(json.dumps(result, indent=2))
+    drop_ids = acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids)
+    result = evaluate(sae.to(device), model, cfg, drop_ids, device)
+    print_eval(result, f"held-out evaluation ({folder})")
+    write_json(result, os.path.join(folder, "eval.json"))
     return result
 
 if __name__ == "__main__":
     try:
         cfg = parse_args(sys.argv[1:])
         if cfg.eval_only:
-            eval_only(cfg.eval_only)
+            eval_only(cfg.eval_only, cfg.eval_dataset)
         else:
             main(cfg)
     except (ValueError, FileNotFoundError) as e:     # bad input: one line, no traceback
