@@ -189,10 +189,13 @@ def hook_stop_layer(hook_points: list[str]) -> int:
 
 @torch.no_grad()
 def iter_activations(model, contexts, hook_in: str, hook_out: str, drop_ids: torch.Tensor,
-                     n_contexts: int = 16, device: str = "cpu"):
+                     n_contexts: int = 16, device: str = "cpu", max_norm_ratio: float | None = None):
     """Run the LM over batches of n_contexts contexts (only up to the last hooked block) and
-    yield (x (N, d_in), y (N, d_out), last): the activations of the N kept positions (BOS, EOS,
-    pad and ignored ids dropped), in the model's dtype, and the last context index consumed."""
+    yield dicts: x (N, d_in) and y (N, d_out), the activations of the N kept positions (BOS,
+    EOS, pad and ignored ids dropped) in the model's dtype; tokens (N,) their token ids; last,
+    the last context index consumed; outliers, how many positions were dropped because their
+    ||x|| exceeds max_norm_ratio times the batch median (massive-activation positions, which
+    otherwise dominate the MSE)."""
     hooks = sorted({hook_in, hook_out})
     stop = hook_stop_layer(hooks)
     drop_ids = drop_ids.to(device)
@@ -206,7 +209,13 @@ def iter_activations(model, contexts, hook_in: str, hook_out: str, drop_ids: tor
         tokens_BT, batch = torch.stack(batch).to(device), []
         _, cache = model.run_with_cache(tokens_BT, names_filter=hooks, stop_at_layer=stop)
         keep = ~torch.isin(tokens_BT, drop_ids).flatten()
-        yield cache[hook_in].flatten(0, 1)[keep], cache[hook_out].flatten(0, 1)[keep], last
+        x, y = cache[hook_in].flatten(0, 1)[keep], cache[hook_out].flatten(0, 1)[keep]
+        ids, n_outliers = tokens_BT.flatten()[keep], 0
+        if max_norm_ratio is not None:
+            norm = x.float().norm(dim=1)
+            ok = norm <= max_norm_ratio * norm.median()
+            x, y, ids, n_outliers = x[ok], y[ok], ids[ok], int((~ok).sum())
+        yield {"x": x, "y": y, "tokens": ids, "last": last, "outliers": n_outliers}
 
 
 @torch.no_grad()
@@ -219,6 +228,95 @@ def next_token_logprobs(model, tokens_BT: torch.Tensor, hook: str | None = None,
     hooks = [(hook, splice)] if hook is not None else []
     logits = model.run_with_hooks(tokens_BT, fwd_hooks=hooks, return_type="logits")
     return logits[:, :-1].float().log_softmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# on-disk activation cache: safetensors shards + manifest.json, written last (its presence is
+# what marks a cache complete)
+
+
+def write_cache(folder: str, activations, manifest: dict, max_tokens: int, shard_tokens: int = 65_536):
+    """Write the stream (dicts from iter_activations) as shards of ~shard_tokens rows holding
+    x, y (if the hook points differ) and token ids, in the model's dtype, up to max_tokens
+    rows. Each shard is written under a temporary name and renamed; manifest.json comes last."""
+    if os.path.exists(os.path.join(folder, "manifest.json")):
+        raise ValueError(f"{folder} already holds a complete cache; train from it with --activations")
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    shards, pending, n, norm_sum = [], [], 0, 0.0
+
+    def flush():
+        parts = {k: torch.cat([p[k] for p in pending]).contiguous().cpu()
+                 for k in ("x", "y", "tokens") if k != "y" or not manifest["sae"]}
+        name = f"shard_{len(shards):05d}.safetensors"
+        save_file(parts, os.path.join(folder, name + ".tmp"))
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+        shards.append({"file": name, "tokens": len(parts["tokens"])})
+        pending.clear()
+    for a in activations:
+        a = {k: v[:max_tokens - n] if torch.is_tensor(v) else v for k, v in a.items()}
+        pending.append(a)
+        n += len(a["x"])
+        norm_sum += a["x"].float().norm(dim=1).sum().item()
+        if sum(len(p["x"]) for p in pending) >= shard_tokens:
+            flush()
+        if n >= max_tokens:
+            break
+    if pending:
+        flush()
+    manifest = {**manifest, "tokens": n, "mean_norm_in": norm_sum / max(n, 1), "shards": shards}
+    with open(os.path.join(folder, "manifest.json.tmp"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(os.path.join(folder, "manifest.json.tmp"), os.path.join(folder, "manifest.json"))
+    return manifest
+
+
+def read_manifest(folder: str, expect: dict) -> dict:
+    """The manifest of a complete cache whose model and hook points are `expect`'s, else a
+    one-line ValueError saying what is wrong."""
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--activations {folder}: no such folder")
+    if not os.path.exists(path):
+        raise ValueError(f"--activations {folder}: no manifest.json, so the cache is incomplete "
+                         f"(its write was interrupted); delete it and cache again")
+    with open(path) as f:
+        manifest = json.load(f)
+    for key, want in expect.items():
+        if manifest.get(key) != want:
+            raise ValueError(f"--activations {folder}: the cache has {key} = {manifest.get(key)!r}, "
+                             f"this run wants {want!r}")
+    from safetensors import safe_open
+    for shard in manifest["shards"]:
+        try:
+            with safe_open(os.path.join(folder, shard["file"]), "pt") as f:
+                assert f.get_slice("tokens").get_shape()[0] == shard["tokens"]
+        except Exception:
+            raise ValueError(f"--activations {folder}: shard {shard['file']} is missing or "
+                             f"truncated; delete the cache and cache again") from None
+    return manifest
+
+
+def iter_cache(folder: str, manifest: dict, seed: int, rank: int = 0, world_size: int = 1,
+               start: int = 0, group: int = 4):
+    """Yield (index, (N, d_in + d_out) chunk) from a cache, forever: each pass visits the
+    shards in a fresh random order, and each chunk is `group` shards read together and
+    shuffled, so tokens mix across shards before they even reach the mixing buffer. Chunk i
+    belongs to rank i % world_size; chunks before `start` are skipped (resuming a run)."""
+    from safetensors.torch import load_file
+    shards = manifest["shards"]
+    per_pass = max(len(shards) // group, 1)
+    i = start
+    while True:
+        p, j = divmod(i, per_pass)
+        if i % world_size == rank:
+            g = torch.Generator().manual_seed(seed + 1000 * p)
+            order = torch.randperm(len(shards), generator=g).tolist()
+            files = [shards[s]["file"] for s in order[j * group:(j + 1) * group if j < per_pass - 1 else None]]
+            parts = [load_file(os.path.join(folder, f)) for f in files]
+            xy = torch.cat([torch.cat([t["x"], t.get("y", t["x"])], dim=1) for t in parts])
+            yield i, xy[torch.randperm(len(xy), generator=g)]
+        i += 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,6 +50,12 @@ class Config:
     """activation it reconstructs; unset = hook_point_in (an SAE), else a transcoder."""
     ignore_token_ids: list[int] = field(default_factory=list)
     """token ids dropped from training, in addition to BOS, EOS and pad."""
+    max_norm_ratio: float | None = None
+    """drop tokens whose ||x|| exceeds this multiple of the batch median (outlier positions)."""
+    cache_activations: str | None = None
+    """write the activation stream (total_training_tokens of it) to this folder and exit."""
+    activations: str | None = None
+    """train from a cache that --cache-activations wrote: no LM forward while training."""
     eval_tokens: int = 32_768
     """tokens at the start of the data held out for evaluation (never trained on)."""
     eval_dataset: str | None = None
@@ -379,7 +385,8 @@ def log(m: dict, bar, wandb_run, log_dir: str):
     bar.write(f"step {m['step']:6d} | tokens {m['tokens']:,} | loss {m['loss']:.4g} ({terms}) | "
               f"ev {m['explained_variance']:.4f} | l0 {m['l0']:.1f} | dead {m['dead']:.3f} | "
               f"rare {m['ultra_rare']:.3f} | dense {m['dense']:.3f} | k {m['k']} | lr {m['lr']:.2e} | "
-              f"{m['tokens_per_s']:,.0f} tok/s")
+              f"{m['tokens_per_s']:,.0f} tok/s" + (f" | outliers {m['outliers_dropped']}"
+                                                   if m["outliers_dropped"] else ""))
     with open(os.path.join(log_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(m) + "\n")
     if wandb_run:
@@ -402,7 +409,7 @@ def start_wandb(cfg: Config, ckpt: dict | None):
 # -------------------------------------------------------------------------------------------------
 # config files: flat keys named like the Config fields; command-line flags override them
 
-NOT_SAVED = ("config", "resume", "eval_only")                   # actions, not part of a run
+NOT_SAVED = ("config", "resume", "eval_only", "cache_activations")                   # actions, not part of a run
 
 
 def run_config(cfg: Config) -> dict:
@@ -502,27 +509,40 @@ def main(cfg: Config) -> dict:
     if ckpt and len(ckpt["data"]) != world:
         raise ValueError(f"--resume: the checkpoint was written by {len(ckpt['data'])} processes, "
                          f"this run has {world}; resume with the same --nproc_per_node")
-    n_layers, d_model = acts.model_dims(cfg.model)
-    for h in (cfg.hook_point_in, hook_out):
-        acts.check_hook_point(h, n_layers)
-    if "resid" in cfg.hook_point_in and cfg.top_k >= cfg.d_sae(d_model):
-        raise ValueError(f"--top-k {cfg.top_k} must be below d_sae = {cfg.d_sae(d_model)}")
+    if cfg.activations:                        # the cache says what it holds
+        manifest = acts.read_manifest(cfg.activations, {"model": cfg.model, "hook_point_in":
+                                                        cfg.hook_point_in, "hook_point_out": hook_out})
+    else:
+        n_layers, d_model = acts.model_dims(cfg.model)
+        for h in (cfg.hook_point_in, hook_out):
+            acts.check_hook_point(h, n_layers)
+        if "resid" in cfg.hook_point_in and cfg.top_k >= cfg.d_sae(d_model):
+            raise ValueError(f"--top-k {cfg.top_k} must be below d_sae = {cfg.d_sae(d_model)}")
     torch.manual_seed(cfg.seed)
 
-    # --- the language model and the activation stream ------------------------------------------
-    model = acts.load_model(cfg.model, cfg.model_dtype, device)
-    d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, hook_out)
-    drop_ids = acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids)
+    # --- the language model (or a cache of its activations) and the activation stream ----------
+    if cfg.activations:
+        model, drop_ids, (d_in, d_out) = None, None, (manifest["d_in"], manifest["d_out"])
+    else:
+        model = acts.load_model(cfg.model, cfg.model_dtype, device)
+        d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, hook_out)
+        drop_ids = acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids)
     data = ckpt["data"][rank] if ckpt else {"next_context": 0, "mix": {}}
 
     def chunks():
+        if cfg.activations:                    # next_context counts the cache's chunks here
+            for i, xy in acts.iter_cache(cfg.activations, manifest, cfg.perm_seed, rank, world,
+                                         data["next_context"]):
+                data["next_context"] = i + 1
+                yield xy.to(device)
+            return
         held_out = 0 if cfg.eval_dataset else cfg.eval_tokens // cfg.context_size
         contexts = acts.iter_contexts(_texts(cfg), model.tokenizer, cfg.context_size, rank, world,
                                       held_out=held_out, start=data["next_context"])
-        for x, y, last in acts.iter_activations(model, contexts, cfg.hook_point_in, hook_out,
-                                                drop_ids, cfg.model_batch_contexts, device):
-            data["next_context"] = last + 1
-            yield torch.cat([x, y], dim=1)
+        for a in acts.iter_activations(model, contexts, cfg.hook_point_in, hook_out, drop_ids,
+                                       cfg.model_batch_contexts, device, cfg.max_norm_ratio):
+            data["next_context"], data["outliers"] = a["last"] + 1, data.get("outliers", 0) + a["outliers"]
+            yield torch.cat([a["x"], a["y"]], dim=1)
 
     def stream():
         """Yields (x, y, data position after this batch); rank r's buffer is seeded perm_seed + r."""
@@ -530,6 +550,7 @@ def main(cfg: Config) -> dict:
                            cfg.generator_device or device, data["mix"]):
             xy = xy.to(getattr(torch, cfg.dtype))
             yield xy[:, :d_in], xy[:, d_in:], {"next_context": data["next_context"],
+                                               "outliers": data.get("outliers", 0),
                                                "mix": dict(data["mix"])}
     batches = stream()
 
@@ -643,13 +664,16 @@ def main(cfg: Config) -> dict:
 
         if step % cfg.log_frequency == 0 or step == total_steps:
             m = window.read(world)
-            m.update(step=step, tokens=step * cfg.batch_size, k=k, lr=lr,
+            outliers = torch.tensor(float(snap["outliers"]), device=device)
+            if world > 1:
+                dist.all_reduce(outliers)                             # summed over ranks
+            m.update(step=step, outliers_dropped=int(outliers), tokens=step * cfg.batch_size, k=k, lr=lr,
                      dead=(since_fired >= dead_tokens).float().mean().item(),
                      tokens_per_s=m["n"] * world / (time.time() - t0))
             log(m, bar, wandb_run, cfg.exp_result_path)
             window, t0 = Window(d_sae, d_out, device), time.time()
 
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and rank == 0:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and rank == 0 and model:
             result = evaluate(folded(sae, s_in, s_out), model, cfg, drop_ids, device)
             print_eval(result, f"held-out evaluation at step {step}")
             if wandb_run:
@@ -687,6 +711,9 @@ def main(cfg: Config) -> dict:
     # --- save (normalization folded into the weights) and evaluate on held-out text ------------
     result = {}
     if rank == 0:
+        if model is None:                      # trained from a cache: the LM is needed only now
+            model = acts.load_model(cfg.model, cfg.model_dtype, device)
+            drop_ids = acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids)
         sae_raw = folded(sae, s_in, s_out)
         extra = {"train": run_config(cfg), "norm_scale_in": s_in, "norm_scale_out": s_out}
         sae_raw.save(cfg.exp_result_path, extra)
@@ -714,6 +741,38 @@ def _finish(world: int):
 
 
 
+def cache_main(cfg: Config) -> dict:
+    """--cache-activations DIR: write total_training_tokens of the activation stream (held-out
+    contexts excluded) to DIR, so that runs with --activations DIR skip the LM entirely."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("--cache-activations runs in one process (the LM forward is the cost); "
+                         "train from the cache under torchrun")
+    hook_out = cfg.hook_point_out or cfg.hook_point_in
+    n_layers, _ = acts.model_dims(cfg.model)
+    for h in (cfg.hook_point_in, hook_out):
+        acts.check_hook_point(h, n_layers)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = acts.load_model(cfg.model, cfg.model_dtype, device)
+    d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, hook_out)
+    contexts = acts.iter_contexts(_texts(cfg), model.tokenizer, cfg.context_size, passes=1,
+                                  held_out=0 if cfg.eval_dataset else cfg.eval_tokens // cfg.context_size)
+    stream = acts.iter_activations(model, contexts, cfg.hook_point_in, hook_out,
+                                   acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids),
+                                   cfg.model_batch_contexts, device, cfg.max_norm_ratio)
+    bar = progress_bar(cfg.total_training_tokens, 0, 0)
+    manifest = {"model": cfg.model, "model_dtype": cfg.model_dtype, "hook_point_in": cfg.hook_point_in,
+                "hook_point_out": hook_out, "sae": hook_out == cfg.hook_point_in, "d_in": d_in,
+                "d_out": d_out, "context_size": cfg.context_size, "dataset": cfg.dataset,
+                "dataset_split": cfg.dataset_split, "eval_tokens": cfg.eval_tokens,
+                "ignore_token_ids": cfg.ignore_token_ids, "max_norm_ratio": cfg.max_norm_ratio}
+    manifest = acts.write_cache(cfg.cache_activations, (bar.update(len(a["x"])) or a for a in stream),
+                                manifest, cfg.total_training_tokens)
+    bar.close()
+    print0(f"cached {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards at "
+           f"{cfg.cache_activations}; train with --activations {cfg.cache_activations}")
+    return manifest
+
+
 def eval_only(folder: str, eval_dataset: str | None = None) -> dict:
     """Evaluate a saved SAE folder on the held-out text of its run (or on eval_dataset), print
     the table and write eval.json into the folder."""
@@ -733,6 +792,8 @@ if __name__ == "__main__":
         cfg = parse_args(sys.argv[1:])
         if cfg.eval_only:
             eval_only(cfg.eval_only, cfg.eval_dataset)
+        elif cfg.cache_activations:
+            cache_main(cfg)
         else:
             main(cfg)
     except (ValueError, FileNotFoundError) as e:     # bad input: one line, no traceback

@@ -51,12 +51,13 @@ def test_special_tokens_never_reach_the_sae(tiny_model):
     # the rows themselves must be exactly those of the non-special positions.
     out = list(acts.iter_activations(tiny_model, iter(ctxs), "blocks.1.hook_resid_post",
                                      "blocks.1.hook_resid_post", drop, n_contexts=4))
-    x = torch.cat([o[0] for o in out])
+    x = torch.cat([o["x"] for o in out])
     keep = ~torch.isin(tokens, drop)
     assert len(x) == keep.sum() < tokens.numel()
     _, cache = tiny_model.run_with_cache(tokens, names_filter=["blocks.1.hook_resid_post"])
     assert torch.allclose(x, cache["blocks.1.hook_resid_post"][keep], atol=1e-5)
-    assert out[-1][2] == len(ctxs) - 1                         # the last context index
+    assert out[-1]["last"] == len(ctxs) - 1                    # the last context index
+    assert torch.equal(torch.cat([o["tokens"] for o in out]), tokens[keep])
 
 
 def test_mixing_buffer_yields_every_token_exactly_once():
@@ -96,3 +97,17 @@ def test_hook_point_check_lists_valid_ones():
             raise AssertionError(bad)
         except ValueError as e:
             assert "blocks.15.hook_resid_post" in str(e)
+
+
+def test_max_norm_ratio_drops_outliers_and_counts_them(tiny_model):
+    tok = tiny_model.tokenizer
+    ctxs = list(acts.iter_contexts(lambda: texts(), tok, 16, passes=1))[:4]
+    drop = acts.special_token_ids(tok)
+    hook = "blocks.1.hook_resid_post"
+    a, = acts.iter_activations(tiny_model, iter(ctxs), hook, hook, drop, n_contexts=4)
+    b, = acts.iter_activations(tiny_model, iter(ctxs), hook, hook, drop, n_contexts=4, max_norm_ratio=1.0)
+    x_all, n0, x, y, n_out = a["x"], a["outliers"], b["x"], b["y"], b["outliers"]
+    norms = x_all.norm(dim=1)
+    assert n0 == 0 and n_out == int((norms > norms.median()).sum()) > 0
+    assert len(x) == len(x_all) - n_out and torch.equal(x, y)
+    assert (x.norm(dim=1) <= norms.median() + 1e-6).all()

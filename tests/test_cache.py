@@ -1,0 +1,62 @@
+"""The on-disk activation cache: exact round trip, refusal of incomplete or mismatched caches,
+and training from it."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import activations as acts
+import train
+
+
+def tiny_cfg(path, out, **kw):
+    kw = dict(model=path, model_dtype="float32", hook_point_in="blocks.1.hook_resid_post",
+              context_size=64, eval_tokens=1024, model_batch_contexts=4, top_k=8, batch_size=256,
+              buffer_size=2048, total_training_tokens=20_000, log_frequency=10,
+              exp_result_path=str(out), device="cpu") | kw
+    return train.Config(**kw)
+
+
+def test_cache_round_trips_exactly_and_trains(tiny_model, tiny_model_path, tmp_path):
+    cache = tmp_path / "cache"
+    manifest = train.cache_main(tiny_cfg(tiny_model_path, tmp_path / "x", cache_activations=str(cache)))
+    assert manifest["tokens"] == 20_000 and len(manifest["shards"]) == 1
+    shard = load_file(cache / manifest["shards"][0]["file"])
+    # recompute the same stream directly
+    cfg = tiny_cfg(tiny_model_path, tmp_path / "x")
+    ctx = acts.iter_contexts(train._texts(cfg), tiny_model.tokenizer, 64, held_out=16, passes=1)
+    stream = acts.iter_activations(tiny_model, ctx, cfg.hook_point_in, cfg.hook_point_in,
+                                   acts.special_token_ids(tiny_model.tokenizer), 4)
+    x = torch.cat([a["x"] for a, _ in zip(stream, range(100))])[:20_000]
+    assert torch.equal(shard["x"], x) and "y" not in shard
+    assert len(shard["tokens"]) == 20_000
+    assert not torch.isin(shard["tokens"], acts.special_token_ids(tiny_model.tokenizer)).any()
+    # several runs (a sweep of k) reuse one cache; no LM forward while training
+    for k in (4, 8):
+        res = train.main(tiny_cfg(tiny_model_path, tmp_path / f"k{k}", activations=str(cache), top_k=k))
+        assert res["l0"] == k
+    # a second cache into the same folder is refused rather than mixed in
+    with pytest.raises(ValueError, match="already holds"):
+        train.cache_main(tiny_cfg(tiny_model_path, tmp_path / "x", cache_activations=str(cache)))
+
+
+def test_incomplete_or_mismatched_caches_are_refused(tiny_model_path, tmp_path):
+    cache = tmp_path / "cache"
+    train.cache_main(tiny_cfg(tiny_model_path, tmp_path / "x", cache_activations=str(cache),
+                              total_training_tokens=4000))
+    cfg = tiny_cfg(tiny_model_path, tmp_path / "run", activations=str(cache), total_training_tokens=1024)
+    with pytest.raises(ValueError, match="hook_point_in"):
+        train.main(tiny_cfg(tiny_model_path, tmp_path / "run", activations=str(cache),
+                            hook_point_in="blocks.0.hook_resid_post"))
+    with pytest.raises(ValueError, match="model"):
+        train.main(tiny_cfg(tiny_model_path, tmp_path / "run", activations=str(cache), model="gpt2"))
+    shard = cache / json.load(open(cache / "manifest.json"))["shards"][0]["file"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])                      # a truncated shard
+    with pytest.raises(ValueError, match="truncated"):
+        train.main(cfg)
+    os.remove(cache / "manifest.json")                             # an interrupted write
+    with pytest.raises(ValueError, match="incomplete"):
+        train.main(cfg)
