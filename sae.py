@@ -35,6 +35,7 @@ class Code(NamedTuple):
     cols: torch.Tensor | None
     c_BM: torch.Tensor   # contributions h*n before the activation (AuxK and penalties use them)
     n_M: torch.Tensor    # decoder row norms
+    contrib: object = None   # topk/batchtopk: (rows, cols) -> those contributions, with gradient
 
     def nnz_per_token(self, B: int) -> torch.Tensor:
         """(B,) number of active latents of each token."""
@@ -68,6 +69,35 @@ class JumpReLU(torch.autograd.Function):
         window = ((c_BM - theta_M).abs() < ctx.eps / 2) & (c_BM > 0)
         g_theta = (g_BM * window).sum(0) * (-theta_M / ctx.eps)
         return g_c, g_theta.to(theta_M.dtype), None
+
+
+class SparseContrib(torch.autograd.Function):
+    """The contributions c_j = h[rows_j, cols_j] * n[cols_j] of selected (token, latent) pairs,
+    where h = x W_enc + bias was computed without autograd. The backward touches only the
+    selected latents: W_enc's gradient is a scatter of one row of x per pair (the backward of an
+    embedding_bag) instead of a dense (d, B) x (B, m) matmul. Idea from EleutherAI's sparsify."""
+
+    @staticmethod
+    def forward(ctx, x_BD, W_enc, bias_M, n_M, h_BM, rows, cols):
+        h_sel = h_BM[rows, cols]
+        offsets = torch.searchsorted(rows, torch.arange(len(x_BD), device=rows.device))
+        ctx.save_for_backward(x_BD, W_enc, n_M, h_sel, cols, offsets)
+        return h_sel * n_M[cols]
+
+    @staticmethod
+    def backward(ctx, g):
+        x_BD, W_enc, n_M, h_sel, cols, offsets = ctx.saved_tensors
+        g_h = g * n_M[cols]
+        zeros = torch.zeros_like(n_M)
+        g_bias, g_n = zeros.index_add(0, cols, g_h), zeros.index_add(0, cols, g * h_sel)
+        with torch.enable_grad():    # W_enc.grad[:, c] = sum of g_h * x[row] over pairs with col c
+            w = torch.zeros(W_enc.shape[1], W_enc.shape[0], dtype=x_BD.dtype, device=x_BD.device,
+                            requires_grad=True)
+            bag = F.embedding_bag(cols, w, offsets, mode="sum", per_sample_weights=g_h.to(x_BD.dtype))
+            g_W, = torch.autograd.grad(bag, w, x_BD)
+        g_x = F.embedding_bag(cols, W_enc.T, offsets, mode="sum", per_sample_weights=g_h.to(W_enc.dtype)) \
+            if ctx.needs_input_grad[0] else None
+        return g_x, g_W.T.to(W_enc.dtype), g_bias, g_n, None, None, None
 
 
 class SAE(nn.Module):
@@ -110,29 +140,36 @@ class SAE(nn.Module):
         # (x - b_dec) W_enc + b_enc == x W_enc + (b_enc - b_dec W_enc): the same math, but autograd
         # no longer needs a (B, d) x (d, m) matmul in the backward just for b_dec's gradient.
         bias_M = self.b_enc if self.transcoder else self.b_enc - self.b_dec @ self.W_enc
-        c_BM = (x_BD @ self.W_enc + bias_M) * n_M
-        B, M = c_BM.shape
+        B, M = len(x_BD), self.d_sae
+        if self.act_fn in ("relu", "jumprelu"):
+            c_BM = (x_BD @ self.W_enc + bias_M) * n_M
         if self.act_fn == "relu":
             return Code(F.relu(c_BM) / n_M, None, None, None, c_BM, n_M)
         if self.act_fn == "jumprelu":
             theta = self.log_threshold.exp()
             a_BM = JumpReLU.apply(c_BM.float(), theta, self.jumprelu_threshold_window)
             return Code(a_BM.to(c_BM.dtype) / n_M, None, None, None, c_BM, n_M)
+        # topk / batchtopk: select without autograd, then take the gradient of the selected
+        # contributions only (SparseContrib); a dense (B, m) gradient is never built.
+        with torch.no_grad():
+            h_BM = x_BD @ self.W_enc + bias_M
+            c_BM = F.relu(h_BM * n_M)
         if self.act_fn == "topk":
-            vals, cols = F.relu(c_BM).topk(k, dim=-1, sorted=False)             # (B, k)
+            cols = c_BM.topk(k, dim=-1, sorted=False).indices.flatten()           # (B * k,)
             rows = torch.arange(B, device=c_BM.device).repeat_interleave(k)
-            cols = cols.flatten()
-            return Code(None, vals.flatten() / n_M[cols], rows, cols, c_BM, n_M)
-        if self.act_fn == "batchtopk":
+        else:
             # Keep the k*B largest contributions of the whole batch (Bussmann et al. 2024). Under
             # torchrun this is each rank's local batch, so it selects over B / world_size tokens.
-            vals, flat = F.relu(c_BM).flatten().topk(k * B, sorted=False)
-            rows, cols = flat // M, flat % M
-            order = rows.argsort()                    # embedding_bag wants each token's bag together
-            rows, cols, vals = rows[order], cols[order], vals[order]
-            if self.training and (vals > 0).any():
-                self.update_threshold_(vals[vals > 0].min())
-            return Code(None, vals / n_M[cols], rows, cols, c_BM, n_M)
+            flat = c_BM.flatten().topk(k * B, sorted=False).indices
+            rows, order = (flat // M).sort()          # embedding_bag wants each token's bag together
+            cols = (flat % M)[order]
+
+        def contrib(rows, cols):
+            return SparseContrib.apply(x_BD, self.W_enc, bias_M, n_M, h_BM, rows, cols)
+        vals = F.relu(contrib(rows, cols))
+        if self.act_fn == "batchtopk" and self.training and (vals > 0).any():
+            self.update_threshold_(vals[vals > 0].min().detach())
+        return Code(None, vals / n_M[cols], rows, cols, c_BM, n_M, contrib)
         raise ValueError(f"unknown act_fn {self.act_fn!r}")
 
     def decode(self, code: Code, B: int) -> torch.Tensor:
@@ -178,10 +215,13 @@ class SAE(nn.Module):
         if n_dead == 0:
             return resid_BD.new_zeros(())
         k_aux = min(k_aux, n_dead)
-        c_dead = torch.where(dead_M, code.c_BM, -torch.inf)
-        vals, cols = c_dead.topk(k_aux, dim=-1, sorted=False)                   # (B, k_aux)
-        vals = F.relu(vals) / code.n_M[cols]
-        e_hat = F.embedding_bag(cols, self.W_dec, mode="sum", per_sample_weights=vals)
+        B = len(resid_BD)
+        cols = torch.where(dead_M, code.c_BM.detach(), -torch.inf).topk(k_aux, dim=-1, sorted=False).indices
+        rows, cols = torch.arange(B, device=cols.device).repeat_interleave(k_aux), cols.flatten()
+        c = code.contrib(rows, cols) if code.contrib else code.c_BM[rows, cols]
+        vals = F.relu(c) / code.n_M[cols]
+        e_hat = F.embedding_bag(cols.view(B, k_aux), self.W_dec, mode="sum",
+                                per_sample_weights=vals.view(B, k_aux).to(self.W_dec.dtype))
         return (resid_BD.detach() - e_hat).pow(2).sum(-1).mean()
 
     # ---------------------------------------------------------------------------------------
