@@ -219,14 +219,13 @@ def iter_activations(model, contexts, hook_in: str, hook_out: str, drop_ids: tor
 
 
 @torch.no_grad()
-def next_token_logprobs(model, tokens_BT: torch.Tensor, hook: str | None = None,
-                        new_act_BTD: torch.Tensor | None = None, keep_BT: torch.Tensor | None = None):
-    """Log-probabilities (B, T-1, vocab) of a full forward, optionally with the activation at
+def spliced_logprobs(model, tokens_BT: torch.Tensor, hook: str, new_act_BTD: torch.Tensor,
+                     keep_BT: torch.Tensor):
+    """Next-token log-probabilities (B, T-1, vocab) of a full forward with the activation at
     `hook` replaced by new_act at the positions where keep is True (the others stay clean)."""
     def splice(act, hook):
         return torch.where(keep_BT[..., None], new_act_BTD.to(act.dtype), act)
-    hooks = [(hook, splice)] if hook is not None else []
-    logits = model.run_with_hooks(tokens_BT, fwd_hooks=hooks, return_type="logits")
+    logits = model.run_with_hooks(tokens_BT, fwd_hooks=[(hook, splice)], return_type="logits")
     return logits[:, :-1].float().log_softmax(-1)
 
 

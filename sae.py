@@ -106,6 +106,8 @@ class SAE(nn.Module):
                  jumprelu_threshold_window: float = 0.1, jumprelu_init_threshold: float = 0.1,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         super().__init__()
+        if act_fn not in ("relu", "jumprelu", "topk", "batchtopk"):
+            raise ValueError(f"unknown act_fn {act_fn!r}: use relu, jumprelu, topk or batchtopk")
         d_out = d_out or d_in
         self.d_in, self.d_sae, self.d_out = d_in, d_sae, d_out
         self.act_fn, self.top_k, self.transcoder = act_fn, top_k, transcoder
@@ -141,8 +143,10 @@ class SAE(nn.Module):
         # no longer needs a (B, d) x (d, m) matmul in the backward just for b_dec's gradient.
         bias_M = self.b_enc if self.transcoder else self.b_enc - self.b_dec @ self.W_enc
         B, M = len(x_BD), self.d_sae
+        assert self.act_fn in ("relu", "jumprelu", "topk", "batchtopk"), f"unknown act_fn {self.act_fn!r}"
         if self.act_fn in ("relu", "jumprelu"):
-            c_BM = (x_BD @ self.W_enc + bias_M) * n_M
+            h_BM = x_BD @ self.W_enc + bias_M
+            c_BM = h_BM * n_M.to(h_BM.dtype)      # under autocast, stay in bf16: no fp32 (B, m) copy
         if self.act_fn == "relu":
             return Code(F.relu(c_BM) / n_M, None, None, None, c_BM, n_M)
         if self.act_fn == "jumprelu":
@@ -153,7 +157,7 @@ class SAE(nn.Module):
         # contributions only (SparseContrib); a dense (B, m) gradient is never built.
         with torch.no_grad():
             h_BM = x_BD @ self.W_enc + bias_M
-            c_BM = F.relu(h_BM * n_M)
+            c_BM = F.relu(h_BM * n_M.to(h_BM.dtype))
         if self.act_fn == "topk":
             cols = c_BM.topk(k, dim=-1, sorted=False).indices.flatten()           # (B * k,)
             rows = torch.arange(B, device=c_BM.device).repeat_interleave(k)
@@ -170,7 +174,6 @@ class SAE(nn.Module):
         if self.act_fn == "batchtopk" and self.training and (vals > 0).any():
             self.update_threshold_(vals[vals > 0].min().detach())
         return Code(None, vals / n_M[cols], rows, cols, c_BM, n_M, contrib)
-        raise ValueError(f"unknown act_fn {self.act_fn!r}")
 
     def decode(self, code: Code, B: int) -> torch.Tensor:
         if code.f_BM is not None:

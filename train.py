@@ -40,7 +40,7 @@ class Config:
     """split of an HF dataset."""
     text_column: str = "text"
     """column (or .jsonl key) that holds the text."""
-    context_size: int = 256
+    context_size: int = 128
     """tokens per context; each context starts with BOS."""
     model_batch_contexts: int = 16
     """contexts per LM forward."""
@@ -50,8 +50,10 @@ class Config:
     """activation it reconstructs; unset = hook_point_in (an SAE), else a transcoder."""
     ignore_token_ids: list[int] = field(default_factory=list)
     """token ids dropped from training, in addition to BOS, EOS and pad."""
-    max_norm_ratio: float | None = None
-    """drop tokens whose ||x|| exceeds this multiple of the batch median (outlier positions)."""
+    max_norm_ratio: float | None = 10.0
+    """drop tokens whose ||x|| exceeds this multiple of the batch median: "massive activation"
+    positions (SmolLM2 makes some first tokens after BOS ~100x the median), which would
+    otherwise dominate the MSE. None keeps every token."""
     cache_activations: str | None = None
     """write the activation stream (total_training_tokens of it) to this folder and exit."""
     activations: str | None = None
@@ -289,7 +291,10 @@ def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) 
     for i in range(0, len(contexts), cfg.model_batch_contexts):
         tokens = torch.stack(contexts[i:i + cfg.model_batch_contexts]).to(device)
         keep = ~torch.isin(tokens, drop_ids.to(device))
-        _, cache = model.run_with_cache(tokens, names_filter=hooks, stop_at_layer=acts.hook_stop_layer(hooks))
+        logits, cache = model.run_with_cache(tokens, names_filter=hooks)
+        if cfg.max_norm_ratio is not None:      # outlier positions are left out, as in training
+            norm = cache[cfg.hook_point_in].float().norm(dim=-1)
+            keep &= norm <= cfg.max_norm_ratio * norm[keep].median()
         x, y = cache[cfg.hook_point_in][keep].to(sae.W_enc.dtype), cache[hook_out][keep].float()
         y_hat, code = sae(x)
         y_hat = y_hat.float()
@@ -301,9 +306,9 @@ def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) 
         new = torch.zeros(*tokens.shape, y.shape[1], device=device)
         new[keep] = y_hat
         target = tokens[:, 1:, None]
-        lp_clean = acts.next_token_logprobs(model, tokens)
-        lp_sae = acts.next_token_logprobs(model, tokens, hook_out, new, keep)
-        lp_zero = acts.next_token_logprobs(model, tokens, hook_out, torch.zeros_like(new), keep)
+        lp_clean = logits[:, :-1].float().log_softmax(-1)
+        lp_sae = acts.spliced_logprobs(model, tokens, hook_out, new, keep)
+        lp_zero = acts.spliced_logprobs(model, tokens, hook_out, torch.zeros_like(new), keep)
         for name, lp in (("clean", lp_clean), ("sae", lp_sae), ("zero", lp_zero)):
             ce[name] -= lp.gather(-1, target).sum().item()
         kl += (lp_clean.exp() * (lp_clean - lp_sae)).sum().item()
@@ -607,8 +612,8 @@ def main(cfg: Config) -> dict:
 
     # SIGTERM / SIGINT: finish the step, write a checkpoint, exit 0.
     stop = {"now": False}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.update(now=True))
+    old_handlers = {sig: signal.signal(sig, lambda *_: stop.update(now=True))
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
 
     # --- training loop --------------------------------------------------------------------------
     autocast = torch.autocast(torch.device(device).type, dtype=getattr(torch, cfg.amp_dtype),
@@ -698,10 +703,13 @@ def main(cfg: Config) -> dict:
             if stop_now > 0:
                 print0(f"stopped by a signal at step {step}; checkpoint written, resume with "
                        f"--resume {cfg.exp_result_path}")
-                bar.close()
-                _finish(world)
-                return {"stopped_at": step}
+                break
     bar.close()
+    for sig, handler in old_handlers.items():       # a caller's Ctrl-C works again after main()
+        signal.signal(sig, handler)
+    if step < total_steps:                          # stopped by a signal, checkpoint written
+        _finish(world)
+        return {"stopped_at": step}
     if world > 1:                      # every rank must hold the same SAE: check it, don't assume
         flat = torch.cat([p.detach().flatten() for p in sae.parameters()])
         ref = flat.clone()

@@ -28,7 +28,7 @@ def test_cache_round_trips_exactly_and_trains(tiny_model, tiny_model_path, tmp_p
     cfg = tiny_cfg(tiny_model_path, tmp_path / "x")
     ctx = acts.iter_contexts(train._texts(cfg), tiny_model.tokenizer, 64, held_out=16, passes=1)
     stream = acts.iter_activations(tiny_model, ctx, cfg.hook_point_in, cfg.hook_point_in,
-                                   acts.special_token_ids(tiny_model.tokenizer), 4)
+                                   acts.special_token_ids(tiny_model.tokenizer), 4, "cpu", cfg.max_norm_ratio)
     x = torch.cat([a["x"] for a, _ in zip(stream, range(100))])[:20_000]
     assert torch.equal(shard["x"], x) and "y" not in shard
     assert len(shard["tokens"]) == 20_000
