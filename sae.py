@@ -189,8 +189,9 @@ class SAE(nn.Module):
         return self.decode(code, x_BD.shape[0]), code
 
     @torch.no_grad()
-    def update_threshold_(self, t: torch.Tensor, decay: float = 0.99):
-        """Exponential moving average of BatchTopK's smallest kept contribution."""
+    def update_threshold_(self, t: torch.Tensor, decay: float = 0.95):
+        """Exponential moving average of BatchTopK's smallest kept contribution. A memory of ~20
+        steps follows the SAE as it trains, so the conversion uses the end-of-training value."""
         t = t.float()
         self.threshold.copy_(t if self.threshold < 0 else decay * self.threshold + (1 - decay) * t)
 

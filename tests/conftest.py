@@ -38,11 +38,12 @@ def embedded_model():
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """One short real run on the embedded model and the bundled text, shared by the tests that
-    check training, saving and downstream evaluation on real weights: (folder, result)."""
+    """One short real BatchTopK run on the embedded model and the bundled text, shared by the
+    tests that check training, saving, conversion and downstream evaluation on real weights:
+    (folder, result)."""
     import train
     out = tmp_path_factory.mktemp("real") / "run"
     res = train.main(train.Config(total_training_tokens=49_152, batch_size=1024, buffer_size=8192,
                                   log_frequency=8, exp_result_path=str(out), eval_tokens=4096,
-                                  hook_point_in="blocks.5.hook_resid_post", context_size=128))
+                                  hook_point_in="blocks.5.hook_resid_post", act_fn="batchtopk"))
     return out, res

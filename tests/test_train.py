@@ -87,12 +87,32 @@ def test_short_real_run_on_the_embedded_model(trained_run):
     out, res = trained_run
     lines = [json.loads(l) for l in open(out / "log.jsonl")]
     assert len(lines) == 6 and lines[-1]["mse"] < 0.7 * lines[0]["mse"]
-    assert res["l0"] == pytest.approx(64)
+    assert res["l0"] == pytest.approx(64, rel=0.1)      # held out: k on average over training batches
     assert res["explained_variance"] > 0.8
     sae = SAE.load(out)
-    assert sae.act_fn == "topk" and sae.d_in == 576 and sae.d_sae == 8 * 576
+    assert sae.act_fn == "batchtopk" and sae.d_in == 576 and sae.d_sae == 8 * 576
+    # BatchTopK -> JumpReLU, measured on the same held-out tokens of the real model
+    # (48 steps leave the threshold still moving: L0 within 30% here; the default 781-step run
+    # lands within 3% of k)
+    conv = res["jumprelu"]
+    assert abs(conv["l0"] - 64) < 0.3 * 64 and abs(conv["explained_variance"] - res["explained_variance"]) < 0.02
+    assert SAE.load(out / "jumprelu").act_fn == "jumprelu"
     saved = json.load(open(out / "eval.json"))
     assert saved["tokens"] == res["tokens"] > 3000
     # the resolved config is itself a valid --config that reproduces the run's settings
     again = train.parse_args(["--config", str(out / "train_config.json")])
     assert train.run_config(again) == json.load(open(out / "train_config.json"))
+
+
+def test_transcoder_trains_from_mlp_input_to_mlp_output(tiny_model_path, tmp_path):
+    out = tmp_path / "tc"
+    res = train.main(cfg(model=tiny_model_path, model_dtype="float32", device="cpu",
+                         hook_point_in="blocks.1.ln2.hook_normalized", hook_point_out="blocks.1.hook_mlp_out",
+                         context_size=64, eval_tokens=1024, model_batch_contexts=4, top_k=8,
+                         batch_size=256, buffer_size=2048, total_training_tokens=256 * 30,
+                         log_frequency=10, exp_result_path=str(out)))
+    sae = SAE.load(out)
+    assert sae.transcoder and sae.d_in == sae.d_out == 32
+    lines = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert lines[-1]["mse"] < lines[0]["mse"]
+    assert res["l0"] == 8 and res["explained_variance"] > 0
