@@ -7,6 +7,8 @@
     python train.py --total-training-tokens 50_000 --log-frequency 5     # a CPU smoke run
     python train.py --resume results/my_run                   # continue from the latest checkpoint
     python train.py --eval-only results/my_run                # evaluate a saved SAE
+    python train.py --cache-activations cache/l15             # write the activations once, then
+    python train.py --activations cache/l15 --top-k 32        # train from them with no LM forward
 
 The config is one flat dataclass; every field is a flag (--act-fn, --top-k, ...); --help lists them.
 """
