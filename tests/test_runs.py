@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import torch
 from safetensors.torch import load_file
 
 import train
@@ -128,7 +127,7 @@ def test_resume_errors_are_one_line_and_destroy_nothing(tiny_model_path, tmp_pat
 def test_torchrun_two_processes_train_resume_and_match_one_process(tiny_model_path, tmp_path):
     one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
     run(args_for(tiny_model_path, one))
-    r = run(args_for(tiny_model_path, two), torchrun=True)
+    run(args_for(tiny_model_path, two), torchrun=True)
     # Ranks assert at the end that their weights are identical; here the result of 2 ranks
     # (each reading its own half of the contexts) must match 1 process with the same global batch.
     res1, res2 = (train.json.load(open(d / "eval.json")) for d in (one, two))

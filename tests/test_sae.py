@@ -1,6 +1,5 @@
 """The SAE's math on small random tensors: activation functions, gradients, decode, losses, init,
 folding, conversion, save/load."""
-import math
 
 import pytest
 import torch
