@@ -33,9 +33,14 @@ class Code(NamedTuple):
     vals: torch.Tensor | None
     rows: torch.Tensor | None
     cols: torch.Tensor | None
-    c_BM: torch.Tensor   # contributions h*n before the activation (AuxK and penalties use them)
+    h_BM: torch.Tensor   # pre-activations h (topk/batchtopk: without gradient)
     n_M: torch.Tensor    # decoder row norms
     contrib: object = None   # topk/batchtopk: (rows, cols) -> those contributions, with gradient
+
+    @property
+    def c_BM(self) -> torch.Tensor:
+        """The contributions h_i * n_i that the activation functions rank and threshold."""
+        return self.h_BM * self.n_M.to(self.h_BM.dtype)
 
     def nnz_per_token(self, B: int) -> torch.Tensor:
         """(B,) number of active latents of each token."""
@@ -51,24 +56,30 @@ class Code(NamedTuple):
 
 
 class JumpReLU(torch.autograd.Function):
-    """f = c * H(c - theta), with a straight-through estimator for theta (Rajamanoharan et al.
-    2024, "Jumping Ahead"): a rectangle kernel of width eps around the threshold gives
-    dL/dtheta_i = sum_batch g * (-theta_i / eps) * 1[|c - theta_i| < eps/2 and c > 0];
-    dL/dc = g * H(c - theta)."""
+    """f = a / n with a = c * H(c - theta), c = h * n: JumpReLU on the contribution, with a
+    straight-through estimator for theta (Rajamanoharan et al. 2024, "Jumping Ahead"): a
+    rectangle kernel of width eps around the threshold gives
+    dL/dtheta_i = sum_batch dL/da * (-theta_i / eps) * 1[|c - theta_i| < eps/2 and c > 0],
+    and dL/dh = dL/df * H(c - theta). Since n > 0, all of it can be written on h with per-latent
+    bounds (H(c - theta) = H(h - theta/n)), so no (B, m) tensor of contributions is ever built
+    (jumprelu step 0.54x -> 0.77x the dense TopK reference step, fp32, 2 CPU cores, d=768, 8x)."""
 
     @staticmethod
-    def forward(ctx, c_BM, theta_M, eps):
-        ctx.save_for_backward(c_BM, theta_M)
+    def forward(ctx, h_BM, n_M, theta_M, eps):
+        n_M, theta_M = n_M.detach().float(), theta_M.detach()
+        on_BM = h_BM > theta_M / n_M
+        ctx.save_for_backward(h_BM, n_M, theta_M, on_BM)
         ctx.eps = eps
-        return c_BM * (c_BM > theta_M)
+        return h_BM * on_BM
 
     @staticmethod
     def backward(ctx, g_BM):
-        c_BM, theta_M = ctx.saved_tensors
-        g_c = g_BM * (c_BM > theta_M)
-        window = ((c_BM - theta_M).abs() < ctx.eps / 2) & (c_BM > 0)
-        g_theta = (g_BM * window).sum(0) * (-theta_M / ctx.eps)
-        return g_c, g_theta.to(theta_M.dtype), None
+        h_BM, n_M, theta_M, on_BM = ctx.saved_tensors
+        # c in (theta - eps/2, theta + eps/2) and c > 0, as bounds on h; dL/da = dL/df / n.
+        lo, hi = ((theta_M - ctx.eps / 2) / n_M).clamp(min=0), (theta_M + ctx.eps / 2) / n_M
+        window_BM = (h_BM > lo) & (h_BM < hi)
+        g_theta = torch.where(window_BM, g_BM, 0).sum(0, dtype=torch.float32) * (-theta_M / ctx.eps) / n_M
+        return g_BM * on_BM, None, g_theta, None
 
 
 class SparseContrib(torch.autograd.Function):
@@ -144,19 +155,21 @@ class SAE(nn.Module):
         bias_M = self.b_enc if self.transcoder else self.b_enc - self.b_dec @ self.W_enc
         B, M = len(x_BD), self.d_sae
         assert self.act_fn in ("relu", "jumprelu", "topk", "batchtopk"), f"unknown act_fn {self.act_fn!r}"
-        if self.act_fn in ("relu", "jumprelu"):
-            h_BM = x_BD @ self.W_enc + bias_M
-            c_BM = h_BM * n_M.to(h_BM.dtype)      # under autocast, stay in bf16: no fp32 (B, m) copy
+        # relu, jumprelu: since n > 0, relu(h n) / n = relu(h) and JumpReLU's H(h n - theta) =
+        # H(h - theta / n): the code comes from h directly. Two fewer (B, m) passes forward and
+        # four backward than building c = h * n (relu step 0.75x -> 1.01x the dense TopK reference
+        # step in fp32 and 0.73x -> 2.4x under bf16 autocast, 2 CPU cores, d=768, 8x).
         if self.act_fn == "relu":
-            return Code(F.relu(c_BM) / n_M, None, None, None, c_BM, n_M)
+            h_BM = torch.addmm(bias_M, x_BD, self.W_enc)
+            return Code(F.relu(h_BM), None, None, None, h_BM, n_M)
         if self.act_fn == "jumprelu":
-            theta = self.log_threshold.exp()
-            a_BM = JumpReLU.apply(c_BM.float(), theta, self.jumprelu_threshold_window)
-            return Code(a_BM.to(c_BM.dtype) / n_M, None, None, None, c_BM, n_M)
+            h_BM = torch.addmm(bias_M, x_BD, self.W_enc)
+            f_BM = JumpReLU.apply(h_BM, n_M, self.log_threshold.exp(), self.jumprelu_threshold_window)
+            return Code(f_BM, None, None, None, h_BM, n_M)
         # topk / batchtopk: select without autograd, then take the gradient of the selected
         # contributions only (SparseContrib); a dense (B, m) gradient is never built.
         with torch.no_grad():
-            h_BM = x_BD @ self.W_enc + bias_M
+            h_BM = torch.addmm(bias_M, x_BD, self.W_enc)
             c_BM = F.relu(h_BM * n_M.to(h_BM.dtype))
         if self.act_fn == "topk":
             cols = c_BM.topk(k, dim=-1, sorted=False).indices.flatten()           # (B * k,)
@@ -173,7 +186,7 @@ class SAE(nn.Module):
         vals = F.relu(contrib(rows, cols))
         if self.act_fn == "batchtopk" and self.training and (vals > 0).any():
             self.update_threshold_(vals[vals > 0].min().detach())
-        return Code(None, vals / n_M[cols], rows, cols, c_BM, n_M, contrib)
+        return Code(None, vals / n_M[cols], rows, cols, h_BM, n_M, contrib)
 
     def decode(self, code: Code, B: int) -> torch.Tensor:
         if code.f_BM is not None:
@@ -201,8 +214,10 @@ class SAE(nn.Module):
     def sparsity_loss(self, code: Code, kind: Literal["l1", "tanh"], c: float = 4.0):
         """Per-token penalty on the contributions f_i * n_i: l1 = sum_i f_i n_i,
         tanh = sum_i tanh(c f_i n_i) (a smooth L0 proxy, Anthropic's April 2024 update)."""
-        a_BM = code.f_BM * code.n_M
-        return (a_BM.sum(-1) if kind == "l1" else torch.tanh(c * a_BM).sum(-1)).mean()
+        n_M = code.n_M.to(code.f_BM.dtype)
+        if kind == "l1":
+            return (code.f_BM @ n_M).mean()              # a matvec: one read of f
+        return torch.tanh(c * code.f_BM * n_M).sum(-1).mean()
 
     def pre_act_loss(self, code: Code):
         """JumpReLU's pre-activation loss sum_i ReLU(theta_i - h_i) n_i: it pulls latents that sit

@@ -50,19 +50,80 @@ def test_relu_and_jumprelu_forward():
 
 
 def test_jumprelu_threshold_gradient_matches_formula():
-    c = torch.tensor([[0.05, 0.48, 0.52, 0.9], [0.55, -0.5, 0.46, 0.2]], requires_grad=True)
+    # JumpReLU works on h with per-latent norms n; the formula is on the contribution c = h * n.
+    h = torch.tensor([[0.05, 0.24, 0.52, 0.94], [0.55, -0.5, 0.23, 0.2]], requires_grad=True)
+    n = torch.tensor([1.0, 2.0, 1.0, 0.5])
     theta = torch.tensor([0.5, 0.5, 0.5, 0.5], requires_grad=True)
     g = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
     eps = 0.1
-    JumpReLU.apply(c, theta, eps).backward(g)
+    f = JumpReLU.apply(h, n, theta, eps)
+    f.backward(g)
+    c = h.detach() * n
     expected = torch.zeros(4)
     for b in range(2):
         for i in range(4):
             if abs(c[b, i] - theta[i]) < eps / 2 and c[b, i] > 0:
-                expected[i] += g[b, i] * (-theta[i] / eps)
+                expected[i] += g[b, i] / n[i] * (-theta[i] / eps)   # dL/da = dL/df / n
     assert torch.allclose(theta.grad, expected)
-    assert expected.abs().sum() > 0                               # the window caught something
-    assert torch.equal(c.grad, g * (c > theta))
+    assert (expected != 0).sum() >= 3                              # the window caught several
+    assert torch.equal(f.detach(), h.detach() * (c > theta.detach()))
+    assert torch.equal(h.grad, g * (c > theta.detach()))
+
+
+class _JumpReLURef(torch.autograd.Function):
+    """The textbook JumpReLU on contributions c (forward c * H(c - theta)), for comparisons."""
+
+    @staticmethod
+    def forward(ctx, c, theta, eps):
+        ctx.save_for_backward(c, theta)
+        ctx.eps = eps
+        return c * (c > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        c, theta = ctx.saved_tensors
+        window = ((c - theta).abs() < ctx.eps / 2) & (c > 0)
+        return g * (c > theta), (g * window).sum(0) * (-theta / ctx.eps), None
+
+
+@pytest.mark.parametrize("act_fn,penalty", [("relu", "l1"), ("relu", "tanh"), ("jumprelu", "tanh"),
+                                            ("jumprelu", "l1")])
+def test_fast_dense_path_equals_straightforward_sae(act_fn, penalty):
+    """sae.py computes relu / jumprelu on h (never building c = h * n) and subtracts b_dec through
+    the bias; the straightforward SAE of the README's formulas must give the same outputs and
+    the same gradients for every parameter."""
+    sae = make(act_fn, jumprelu_init_threshold=0.3, jumprelu_threshold_window=0.5)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(64, 1) + 0.5)                    # unequal decoder norms
+    x = torch.randn(32, 16)
+
+    def grads(loss):
+        sae.zero_grad()
+        loss.backward()
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                for p in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, sae.log_threshold)]
+
+    y_fast, code = sae(x)
+    loss = (y_fast - x).pow(2).sum(-1).mean() + 0.1 * sae.sparsity_loss(code, penalty)
+    if act_fn == "jumprelu":
+        loss = loss + 0.1 * sae.pre_act_loss(code)
+    g_fast = grads(loss)
+
+    n = sae.W_dec.norm(dim=1)
+    theta = sae.log_threshold.exp()
+    c = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc) * n
+    a = torch.relu(c) if act_fn == "relu" else _JumpReLURef.apply(c, theta, 0.5)
+    y_ref = (a / n) @ sae.W_dec + sae.b_dec
+    pen = a.sum(-1) if penalty == "l1" else torch.tanh(4 * a).sum(-1)
+    loss = (y_ref - x).pow(2).sum(-1).mean() + 0.1 * pen.mean()
+    if act_fn == "jumprelu":
+        loss = loss + 0.1 * torch.relu(theta - c).sum(-1).mean()
+    g_ref = grads(loss)
+
+    assert torch.allclose(y_fast, y_ref, atol=1e-5)
+    for name, gf, gr in zip(("W_enc", "W_dec", "b_enc", "b_dec", "log_threshold"), g_fast, g_ref):
+        assert torch.allclose(gf, gr, atol=1e-5), name
+    assert g_fast[0].abs().sum() > 0 and (act_fn == "relu" or g_fast[4].abs().sum() > 0)
 
 
 def test_jumprelu_log_threshold_learns_through_the_sae():
