@@ -37,20 +37,26 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ACT_FNS = ("relu", "jumprelu", "topk", "batchtopk")
 
 
-def timeit(fn, device: str, warmup: int, repeats: int) -> float:
+def timeit(fn, device: str, warmup: int, repeats: int, other=None):
     """Median seconds of fn() over `repeats` calls after `warmup` untimed ones (CUDA kernels are
-    asynchronous: synchronize before reading the clock)."""
+    asynchronous: synchronize before reading the clock). With `other`, the two alternate call by
+    call and both medians come back: a ratio of two slow forwards taken one after the other
+    drifts with whatever else the machine does, an interleaved one does not."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fns = [fn] if other is None else [fn, other]
     for _ in range(warmup):
-        fn()
-    times = []
+        for f in fns:
+            f()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for f, ts in zip(fns, times):
+            sync()
+            t = time.perf_counter()
+            f()
+            sync()
+            ts.append(time.perf_counter() - t)
+    medians = [statistics.median(ts) for ts in times]
+    return medians[0] if other is None else medians
 
 
 def table(header: list[str], rows: list[list]):
@@ -161,14 +167,13 @@ def bench_lm(a) -> dict:
         contexts = acts.iter_contexts(lambda: acts.iter_texts(acts.EMBEDDED_DATASET), bridge.tokenizer, 256)
         batch = [next(contexts) for _ in range(n)]      # tokenized once: both time the forward only
         drop = acts.special_token_ids(bridge.tokenizer)
-        t_bridge = timeit(lambda: list(acts.iter_activations(bridge, iter(batch), HOOK, HOOK, drop, n, a.device)),
-                          a.device, *a.lm_reps)
         raw = transformers.AutoModelForCausalLM.from_pretrained(acts.embedded_model_path(),
                                                                 dtype=acts.DTYPES[dtype]).to(a.device).eval()
         raw.model.layers = raw.model.layers[:acts.hook_layer(HOOK) + 1]   # blocks 0..15, as stop_at_layer
         tokens_BT = torch.stack([c for _, c in batch]).to(a.device)
         with torch.no_grad():
-            t_raw = timeit(lambda: raw.model(tokens_BT), a.device, *a.lm_reps)
+            t_bridge, t_raw = timeit(lambda: list(acts.iter_activations(bridge, iter(batch), HOOK, HOOK, drop, n, a.device)),
+                                     a.device, *a.lm_reps, other=lambda: raw.model(tokens_BT))
         # Both rates count every position of the contexts (the bridge's output drops BOS, 1 in 256).
         ratios[name] = t_raw / t_bridge
         rows.append([name, f"{n * 256 / t_bridge:,.0f}", f"{n * 256 / t_raw:,.0f}", f"{ratios[name]:.2f}x"])
@@ -227,7 +232,7 @@ def main():
     a.d, a.batch, a.k, a.expansions = (256, 1024, 32, (8,)) if a.quick else (768, 4096, 64, (8, 32))
     a.reps = (1, 2) if a.quick else (1, 3) if cpu else (5, 20)
     # LM: contexts per forward (train.py uses 16; 4 keeps the CPU bench short) and repeats.
-    a.lm_contexts, a.lm_reps = (2, (1, 1)) if a.quick else (4, (1, 3)) if cpu else (16, (3, 10))
+    a.lm_contexts, a.lm_reps = (2, (1, 1)) if a.quick else (4, (1, 5)) if cpu else (16, (3, 10))
     # train.py: Config overrides, steps, log frequency (the default batch is 1024 tokens).
     a.train = (dict(batch_size=256, buffer_size=1024, model_batch_contexts=2, eval_tokens=512), 8, 2) \
         if a.quick else (dict(eval_tokens=512), 24, 8) if cpu else (dict(), 400, 50)

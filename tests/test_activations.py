@@ -111,3 +111,26 @@ def test_max_norm_ratio_drops_outliers_and_counts_them(tiny_model):
     assert n0 == 0 and n_out == int((norms > norms.median()).sum()) > 0
     assert len(x) == len(x_all) - n_out and torch.equal(x, y)
     assert (x.norm(dim=1) <= norms.median() + 1e-6).all()
+
+
+def test_bridge_activations_equal_a_raw_hf_forward(tiny_model, tiny_model_path):
+    """load_model hands attention and RMSNorm to the HF modules (sdpa) where no hook needs the
+    bridge's own versions; the hooked activations must still be the model's own: the residual
+    stream, the MLP's normalized input (its hook makes the norm compute the bridge's way) and the
+    MLP output, against a plain HF forward with PyTorch hooks."""
+    from transformers import AutoModelForCausalLM
+    raw = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    layer = raw.model.layers[1]
+    got = {}
+    layer.post_attention_layernorm.register_forward_hook(lambda m, i, o: got.update(ln2=o))
+    layer.mlp.register_forward_hook(lambda m, i, o: got.update(mlp=o))
+    layer.register_forward_hook(lambda m, i, o: got.update(resid=o[0] if isinstance(o, tuple) else o))
+    tokens = torch.stack([c for _, c in itertools.islice(
+        acts.iter_contexts(lambda: acts.iter_texts(acts.EMBEDDED_DATASET), tiny_model.tokenizer, 64), 3)])
+    with torch.no_grad():
+        raw.model(tokens)
+    names = ["blocks.1.hook_resid_post", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
+    _, cache = tiny_model.run_with_cache(tokens, names_filter=names)
+    for name, ref in zip(names, (got["resid"], got["ln2"], got["mlp"])):
+        assert torch.allclose(cache[name], ref, atol=1e-5), name
+    assert tiny_model.original_model.config._attn_implementation == "sdpa"
