@@ -37,6 +37,22 @@ def test_batchtopk_has_k_on_average_but_not_per_token():
     assert sae.threshold > 0                                       # running threshold tracked
 
 
+def test_batchtopk_selects_exactly_the_k_b_largest_of_the_batch():
+    """The selection goes through a lower bound from each token's top 4k; it must equal a plain
+    topk over all B*m contributions, also when one token (a massive activation) takes far more
+    than 4k latents."""
+    sae = make("batchtopk", m=256)
+    x = torch.randn(32, 16) * torch.linspace(0.1, 3, 32)[:, None]
+    x[5] *= 100
+    code = sae.encode(x)
+    c = sae.encode(x).c_BM.relu()
+    ref = c.flatten().topk(4 * 32).indices
+    got = code.rows * 256 + code.cols
+    assert torch.equal(got.sort().values, ref.sort().values)
+    assert code.nnz_per_token(32)[5] > 16                          # the big token took > 4k
+    assert torch.equal(code.rows, code.rows.sort().values)         # bags together
+
+
 def test_relu_and_jumprelu_forward():
     sae = make("relu")
     x = torch.randn(8, 16)
@@ -181,6 +197,21 @@ def test_auxk_grad_only_reaches_dead_latents():
     assert rows_with_grad.any()
     assert not rows_with_grad[~dead].any()
     assert not (sae.W_enc.grad.abs().sum(0) > 0)[~dead].any()
+
+
+def test_auxk_matches_its_formula():
+    """alpha-free AuxK: the top k_aux dead contributions of each token reconstruct the residual."""
+    sae = make("topk")
+    x = torch.randn(32, 16)
+    y_hat, code = sae(x)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[[3, 10, 20, 41, 50]] = True
+    e = (x - y_hat).detach()
+    c = torch.where(dead, code.c_BM, -torch.inf)
+    idx = c.topk(3, dim=-1).indices
+    f = torch.zeros(32, 64).scatter(-1, idx, torch.relu(code.c_BM.gather(-1, idx)) / code.n_M[idx])
+    expected = (e - f @ sae.W_dec).pow(2).sum(-1).mean()
+    assert torch.allclose(sae.auxk_loss(code, e, dead, k_aux=3), expected, rtol=1e-5)
 
 
 def test_auxk_is_zero_with_no_dead_latents():
