@@ -199,14 +199,17 @@ def iter_contexts(make_texts, tokenizer, context_size: int, rank: int = 0, world
         j = 0                                          # index within this pass
         for text in make_texts():
             pending += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
-            while len(pending) >= n:
-                body, pending = pending[:n], pending[n:]
+            # read through the list and drop what was read once per document: slicing off each
+            # context instead copies the rest of a novel-length document every time (quadratic)
+            for at in range(0, len(pending) - n + 1, n):
+                body = pending[at:at + n]
                 if eval and j >= held_out:
                     return
                 if (eval and j < held_out) or (not eval and j >= held_out and i >= start
                                                 and i % world_size == rank):
                     yield i, torch.tensor([bos] + body)
                 i, j = i + 1, j + 1
+            pending = pending[len(pending) // n * n:]
         if j <= held_out:
             raise ValueError(f"the dataset has only {j} contexts of {context_size} tokens, "
                              f"not more than the {held_out} held out for evaluation")
