@@ -35,6 +35,7 @@ def test_splicing_the_activation_itself_changes_nothing(tiny_model, tiny_model_p
     drop = acts.special_token_ids(tiny_model.tokenizer)
     r = train.evaluate(identity_sae(32), tiny_model, cfg, drop, "cpu")
     assert r["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert r["explained_variance_typical"] == pytest.approx(1.0, abs=1e-6)
     assert r["delta_lm_loss"] == pytest.approx(0.0, abs=1e-6)
     assert r["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-5)
     assert r["kl_clean_sae"] == pytest.approx(0.0, abs=1e-6)
@@ -59,6 +60,35 @@ def test_splice_matches_a_hand_built_reference(tiny_model, tiny_model_path):
     logits = tiny_model.run_with_hooks(ctx, fwd_hooks=[("blocks.1.hook_resid_post", half)])
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ctx[:, 1:].flatten())
     assert r["ce_loss_sae"] == pytest.approx(ce.item(), rel=1e-5)
+
+
+def test_explained_variance_matches_a_hand_computation(tiny_model, tiny_model_path, monkeypatch):
+    """EV = 1 - sum ||y - y_hat||^2 / sum ||y - mean y||^2 over the kept held-out tokens, and the
+    "typical" EV over those within TYPICAL_NORM_RATIO x their batch's median norm (set to 1 here
+    so that it leaves out half of them)."""
+    monkeypatch.setattr(train, "TYPICAL_NORM_RATIO", 1.0)
+    cfg = tiny_cfg(tiny_model_path)
+    sae = identity_sae(32)
+    with torch.no_grad():
+        sae.W_dec.mul_(0.5)                                       # y_hat = y / 2
+    drop = acts.special_token_ids(tiny_model.tokenizer)
+    r = train.evaluate(sae, tiny_model, cfg, drop, "cpu")
+    ctx = torch.stack([c for _, c in acts.iter_contexts(train._texts(cfg), tiny_model.tokenizer, 32,
+                                                        held_out=16, eval=True)])
+    keep = ~torch.isin(ctx, drop)
+    _, cache = tiny_model.run_with_cache(ctx, names_filter=["blocks.1.hook_resid_post"])
+    every, typical = [], []
+    for i in range(0, 16, cfg.model_batch_contexts):             # evaluate's batches of contexts
+        y = cache["blocks.1.hook_resid_post"][i:i + 4][keep[i:i + 4]]
+        every.append(y)
+        typical.append(y[y.norm(dim=-1) <= y.norm(dim=-1).median()])
+
+    def ev(ys):
+        y = torch.cat(ys)
+        return (1 - 0.25 * y.pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item()
+    assert r["explained_variance"] == pytest.approx(ev(every), rel=1e-4)
+    assert r["explained_variance_typical"] == pytest.approx(ev(typical), rel=1e-4)
+    assert abs(ev(every) - ev(typical)) > 1e-3
 
 
 def test_trained_sae_beats_a_random_one_downstream(trained_run):
