@@ -182,6 +182,11 @@ class Config:
                              f"the schedule anneals k down to top_k")
         if self.context_size < 2:
             raise ValueError(f"--context-size must be >= 2, got {self.context_size}")
+        if self.max_norm_ratio is not None and self.max_norm_ratio <= 1:
+            raise ValueError(f"--max-norm-ratio must be > 1 (a multiple of the median norm, e.g. 10), "
+                             f"got {self.max_norm_ratio}")
+        if self.sparsity_coefficient is not None and self.sparsity_coefficient < 0:
+            raise ValueError(f"--sparsity-coefficient must be >= 0, got {self.sparsity_coefficient}")
         if _looks_local(self.dataset) and not os.path.isdir(self.dataset):
             raise ValueError(f"--dataset {self.dataset} does not exist: give a folder of "
                              f".txt/.txt.gz/.jsonl files or an HF dataset name (owner/name)")

@@ -55,6 +55,8 @@ def run_train(*args, timeout=600, env=None):
     (["--hook-point-in", "blocks.3.hook_nonsense"], "is not one of this model's"),
     (["--dataset", "./no/such/folder"], "does not exist"),
     (["--batch-size", "1000", "--buffer-size", "1500"], "at least two batches"),
+    (["--max-norm-ratio", "0.5"], "--max-norm-ratio must be > 1"),
+    (["--sparsity-coefficient", "-1"], "--sparsity-coefficient must be >= 0"),
 ])
 def test_bad_input_fails_fast_with_one_line(args, message):
     r = run_train(*args, timeout=60)
