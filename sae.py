@@ -16,7 +16,7 @@ import inspect
 import json
 import math
 import os
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn as nn
@@ -117,7 +117,7 @@ class SAE(nn.Module):
                  jumprelu_threshold_window: float = 0.1, jumprelu_init_threshold: float = 0.1,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         super().__init__()
-        if act_fn not in ("relu", "jumprelu", "topk", "batchtopk"):
+        if act_fn not in get_args(ActFn):
             raise ValueError(f"unknown act_fn {act_fn!r}: use relu, jumprelu, topk or batchtopk")
         d_out = d_out or d_in
         self.d_in, self.d_sae, self.d_out = d_in, d_sae, d_out
@@ -154,7 +154,6 @@ class SAE(nn.Module):
         # no longer needs a (B, d) x (d, m) matmul in the backward just for b_dec's gradient.
         bias_M = self.b_enc if self.transcoder else self.b_enc - self.b_dec @ self.W_enc
         B, M = len(x_BD), self.d_sae
-        assert self.act_fn in ("relu", "jumprelu", "topk", "batchtopk"), f"unknown act_fn {self.act_fn!r}"
         # relu, jumprelu: since n > 0, relu(h n) / n = relu(h) and JumpReLU's H(h n - theta) =
         # H(h - theta / n): the code comes from h directly. Two fewer (B, m) passes forward and
         # four backward than building c = h * n (relu step 0.75x -> 1.01x the dense TopK reference

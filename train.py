@@ -306,16 +306,14 @@ def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) 
         keep = ~torch.isin(tokens, drop_ids.to(device))
         logits, cache = model.run_with_cache(tokens, names_filter=hooks)
         if cfg.max_norm_ratio is not None:      # outlier positions are left out, as in training
-            norm = cache[cfg.hook_point_in].float().norm(dim=-1)
-            keep &= norm <= cfg.max_norm_ratio * norm[keep].median()
+            keep[keep.clone()] = acts.within_norm_ratio(cache[cfg.hook_point_in][keep], cfg.max_norm_ratio)
         x, y = cache[cfg.hook_point_in][keep].to(sae.W_enc.dtype), cache[hook_out][keep].float()
         y_hat, code = sae(x)
         y_hat = y_hat.float()
-        norm = x.float().norm(dim=-1)
-        for key, sel in (("", slice(None)), ("_typical", norm <= TYPICAL_NORM_RATIO * norm.median())):
-            s = sums[key]
-            s[0], s[1] = s[0] + len(y[sel]), s[1] + (y_hat[sel] - y[sel]).pow(2).sum().item()
-            s[2], s[3] = s[2] + y[sel].sum(0), s[3] + y[sel].pow(2).sum().item()
+        for key, sel in (("", slice(None)), ("_typical", acts.within_norm_ratio(x, TYPICAL_NORM_RATIO))):
+            s, y_s = sums[key], y[sel]
+            s[0], s[1] = s[0] + len(y_s), s[1] + (y_hat[sel] - y_s).pow(2).sum().item()
+            s[2], s[3] = s[2] + y_s.sum(0), s[3] + y_s.pow(2).sum().item()
         nnz += code.nnz_per_token(len(x)).sum().item()
         fired += code.fired(sae.d_sae)
         # the LM with the reconstruction spliced in, clean, and zero-ablated at the same positions
