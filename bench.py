@@ -10,6 +10,8 @@ warmup, with the ratios that matter, and a compact summary of them at the end.
            sparsity penalty for relu/jumprelu, backward, Adam: train.py's step without AuxK) per
            act_fn, in fp32 and under autocast bf16, next to a plain dense TopK step measured in the
            same run (x @ W_enc + b, topk of relu, dense f @ W_dec + b): the ratio nanoSAE/dense.
+           relu and jumprelu are timed at L0 = k, as a trained SAE fires (sae.py's sparse path),
+           and fresh, where about half the latents fire (its dense path).
 3. lm      activation tokens/s of activations.iter_activations (TransformerBridge, stopping after
            blocks.15.hook_resid_post) on real Austen contexts, fp32 and bf16, next to a raw HF
            forward of the same 16 decoder layers: the ratio bridge/raw.
@@ -30,11 +32,12 @@ import transformers
 
 import activations as acts
 import train
-from sae import SAE
+from sae import SAE, SPARSE_BELOW
 
 HOOK = "blocks.15.hook_resid_post"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ACT_FNS = ("relu", "jumprelu", "topk", "batchtopk")
+FRESH = ("relu fresh", "jumprelu fresh")        # at a fresh SAE's L0 (~m/2): sae.py's dense path
 
 
 def timeit(fn, device: str, warmup: int, repeats: int, other=None):
@@ -101,15 +104,31 @@ def adam_step(params, loss_fn, autocast):
 
 
 def sae_step(a, act_fn: str, m: int, x, autocast):
-    """nanoSAE's step, as train.py takes it (AuxK aside: a fresh SAE has no dead latents)."""
+    """nanoSAE's step, as train.py takes it (AuxK aside: a fresh SAE has no dead latents), and the
+    L0 of the batch. "relu" / "jumprelu" are timed at L0 = k, "relu fresh" / "jumprelu fresh" at
+    a fresh SAE's L0."""
+    act_fn, fresh = act_fn.split()[0], act_fn.endswith("fresh")
     sae = SAE(a.d, m, act_fn, a.k, device=a.device)
     penalty = {"relu": "l1", "jumprelu": "tanh"}.get(act_fn)       # train.py's default penalties
+    if penalty and not fresh:
+        # A fresh relu / jumprelu SAE fires on about half of its latents; a trained one on ~k per
+        # token, where sae.py takes its sparse path. Time that regime, as most of a run is: shift
+        # b_enc (relu) or set the thresholds (jumprelu) so that every latent fires on k/m of the
+        # tokens, L0 = k.
+        with torch.no_grad():
+            c_q = sae.encode(x).c_BM.float().kthvalue(len(x) - len(x) * a.k // m, dim=0).values
+            if act_fn == "relu":
+                sae.b_enc -= c_q / sae.W_dec.norm(dim=1)
+            else:
+                sae.log_threshold.copy_(c_q.clamp(min=1e-3).log())
 
     def loss_fn():
         y_hat, code = sae(x)
+        l0.append(code.nnz_per_token(len(x)).float().mean().item())
         mse = (y_hat.float() - x).pow(2).sum(-1).mean()
         return mse + 5e-3 * sae.sparsity_loss(code, penalty) if penalty else mse
-    return adam_step(sae.parameters(), loss_fn, autocast)
+    l0 = []
+    return adam_step(sae.parameters(), loss_fn, autocast), l0
 
 
 def dense_step(a, m: int, x, autocast):
@@ -127,12 +146,13 @@ def dense_step(a, m: int, x, autocast):
     return adam_step([W_enc, b_enc, W_dec, b_dec], loss_fn, autocast)
 
 
-def step_flops(act_fn: str, B: int, d: int, m: int, k: int) -> int:
-    """Matmul FLOPs of one step as sae.py implements it. Encoder forward: 2Bdm. relu, jumprelu and
-    the dense reference: dW_enc 2Bdm (x needs no gradient) and a dense decode, forward + dW_dec + df
-    = 3 x 2Bmd. topk, batchtopk: only the selected latents get a gradient (dW_enc is a scatter of x
-    rows, 2Bkd) and the decode is sparse (3 x 2Bkd)."""
-    return 2 * B * d * m + (8 * B * d * k if act_fn in ("topk", "batchtopk") else 8 * B * d * m)
+def step_flops(B: int, d: int, m: int, l0: float | None) -> float:
+    """Matmul FLOPs of one step as sae.py implements it. Encoder forward: 2Bdm. The dense path
+    (l0 None: the reference, and relu / jumprelu while many latents fire): dW_enc 2Bdm (x needs
+    no gradient) and a dense decode, forward + dW_dec + df = 3 x 2Bmd. The sparse path (topk,
+    batchtopk, and relu / jumprelu at a low L0): only the active latents get a gradient (dW_enc
+    is a scatter of x rows, 2B l0 d) and the decode is sparse (3 x 2B l0 d)."""
+    return 2 * B * d * m + 8 * B * d * (m if l0 is None else l0)
 
 
 def bench_sae(a, roof: dict) -> dict:
@@ -142,18 +162,21 @@ def bench_sae(a, roof: dict) -> dict:
         m = e * a.d
         for name, dt in DTYPES.items():
             autocast = torch.autocast(torch.device(a.device).type, dtype=dt, enabled=name != "fp32")
-            for act_fn in ("dense",) + ACT_FNS:                 # dense first: the others' reference
+            for act_fn in ("dense",) + ACT_FNS + FRESH:        # dense first: the others' reference
                 torch.manual_seed(0)
-                step = dense_step(a, m, x, autocast) if act_fn == "dense" else sae_step(a, act_fn, m, x, autocast)
+                step, l0 = (dense_step(a, m, x, autocast), [a.k]) if act_fn == "dense" else \
+                    sae_step(a, act_fn, m, x, autocast)
                 t = timeit(step, a.device, *a.reps)
                 del step                                       # free the weights and Adam state
                 t_dense = t if act_fn == "dense" else t_dense
                 ratios[act_fn, e, name] = t_dense / t          # = tokens/s ratio, nanoSAE/dense
-                gflops = step_flops(act_fn, a.batch, a.d, m, a.k) / t / 1e9
-                rows.append(["dense topk (ref)" if act_fn == "dense" else act_fn, e, name,
+                # the path sae.py took: sparse for topk / batchtopk, and for relu / jumprelu at a low L0
+                sparse = act_fn != "dense" and l0[-1] <= SPARSE_BELOW.get(torch.device(a.device).type, 0) * m
+                gflops = step_flops(a.batch, a.d, m, l0[-1] if sparse else None) / t / 1e9
+                rows.append(["dense topk (ref)" if act_fn == "dense" else act_fn, e, name, f"{l0[-1]:.0f}",
                              f"{a.batch / t:,.0f}", gflops, f"{gflops / roof[m, name]:.0%}",
                              f"{ratios[act_fn, e, name]:.2f}x"])
-    table(["step", "expansion", "dtype", "tokens/s", "GFLOP/s", "of roof", "vs dense"], rows)
+    table(["step", "expansion", "dtype", "L0", "tokens/s", "GFLOP/s", "of roof", "vs dense"], rows)
     return ratios
 
 
@@ -250,7 +273,8 @@ def main():
     if "sae" in sections:
         print(f"== 2. SAE training step (d={a.d}, batch {a.batch}, k={a.k}) ==")
         r = bench_sae(a, roof)
-        summary += [f"nanoSAE/dense, expansion {e} {dt}: " + ", ".join(f"{f} {r[f, e, dt]:.2f}x" for f in ACT_FNS)
+        summary += [f"nanoSAE/dense, expansion {e} {dt}: " + ", ".join(f"{f} {r[f, e, dt]:.2f}x"
+                                                                       for f in ACT_FNS + FRESH)
                     for e in a.expansions for dt in DTYPES]
     if "lm" in sections:
         print("== 3. activation generation ==")

@@ -4,7 +4,8 @@ folding, conversion, save/load."""
 import pytest
 import torch
 
-from sae import SAE, JumpReLU
+import sae as sae_module
+from sae import SAE, JumpReLU, largest_pairs
 
 
 def make(act_fn, d=16, m=64, k=4, **kw):
@@ -37,20 +38,33 @@ def test_batchtopk_has_k_on_average_but_not_per_token():
     assert sae.threshold > 0                                       # running threshold tracked
 
 
-def test_batchtopk_selects_exactly_the_k_b_largest_of_the_batch():
-    """The selection goes through a lower bound from each token's top 4k; it must equal a plain
-    topk over all B*m contributions, also when one token (a massive activation) takes far more
-    than 4k latents."""
+@pytest.mark.parametrize("massive", [False, True])
+def test_batchtopk_selects_exactly_the_k_b_largest_of_the_batch(massive):
+    """The selection goes through each token's top 4k; it must equal a plain topk over all B*m
+    contributions, also when one token (a massive activation) takes far more than 4k latents."""
     sae = make("batchtopk", m=256)
     x = torch.randn(32, 16) * torch.linspace(0.1, 3, 32)[:, None]
-    x[5] *= 100
+    if massive:
+        x[5] *= 100
     code = sae.encode(x)
     c = sae.encode(x).c_BM.relu()
     ref = c.flatten().topk(4 * 32).indices
     got = code.rows * 256 + code.cols
     assert torch.equal(got.sort().values, ref.sort().values)
-    assert code.nnz_per_token(32)[5] > 16                          # the big token took > 4k
+    assert (code.nnz_per_token(32)[5] > 16) == massive              # the big token took > 4k
     assert torch.equal(code.rows, code.rows.sort().values)         # bags together
+
+
+def test_largest_pairs_is_exact_when_the_sampled_threshold_misses():
+    """largest_pairs estimates its threshold from every 61st value; where those lie (here, 30
+    sampled values far above the rest) it must lower the threshold until it is exact."""
+    torch.manual_seed(0)
+    c = torch.randn(32, 256)
+    c.view(-1)[::61][:30] = 100.0
+    rows, cols = largest_pairs(c, 128)
+    ref = c.flatten().topk(128).indices
+    assert torch.equal((rows * 256 + cols).sort().values, ref.sort().values)
+    assert torch.equal(rows, rows.sort().values)
 
 
 def test_relu_and_jumprelu_forward():
@@ -104,10 +118,13 @@ class _JumpReLURef(torch.autograd.Function):
 
 @pytest.mark.parametrize("act_fn,penalty", [("relu", "l1"), ("relu", "tanh"), ("jumprelu", "tanh"),
                                             ("jumprelu", "l1")])
-def test_fast_dense_path_equals_straightforward_sae(act_fn, penalty):
-    """sae.py computes relu / jumprelu on h (never building c = h * n) and subtracts b_dec through
-    the bias; the straightforward SAE of the README's formulas must give the same outputs and
-    the same gradients for every parameter."""
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fast_paths_equal_straightforward_sae(act_fn, penalty, sparse, monkeypatch):
+    """sae.py computes relu / jumprelu on h (never building c = h * n), subtracts b_dec through
+    the bias, and once few latents fire switches to a sparse code with a sparse backward; the
+    straightforward SAE of the README's formulas must give the same outputs and the same
+    gradients for every parameter, on both paths."""
+    monkeypatch.setitem(sae_module.SPARSE_BELOW, "cpu", 1.1 if sparse else 0.0)
     sae = make(act_fn, jumprelu_init_threshold=0.3, jumprelu_threshold_window=0.5)
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(64, 1) + 0.5)                    # unequal decoder norms
@@ -120,6 +137,7 @@ def test_fast_dense_path_equals_straightforward_sae(act_fn, penalty):
                 for p in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, sae.log_threshold)]
 
     y_fast, code = sae(x)
+    assert (code.f_BM is None) == sparse
     loss = (y_fast - x).pow(2).sum(-1).mean() + 0.1 * sae.sparsity_loss(code, penalty)
     if act_fn == "jumprelu":
         loss = loss + 0.1 * sae.pre_act_loss(code)
