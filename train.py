@@ -308,8 +308,10 @@ def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) 
         y_hat = y_hat.float()
         for key, sel in (("", slice(None)), ("_typical", acts.within_norm_ratio(x, TYPICAL_NORM_RATIO))):
             s, y_s = sums[key], y[sel]
-            s[0], s[1] = s[0] + len(y_s), s[1] + (y_hat[sel] - y_s).pow(2).sum().item()
-            s[2], s[3] = s[2] + y_s.sum(0), s[3] + y_s.pow(2).sum().item()
+            s[0] += len(y_s)
+            s[1] += (y_hat[sel] - y_s).pow(2).sum().item()
+            s[2] += y_s.sum(0)
+            s[3] += y_s.pow(2).sum().item()
         nnz += code.nnz_per_token(len(x)).sum().item()
         fired += code.fired(sae.d_sae)
         # the LM with the reconstruction spliced in, clean, and zero-ablated at the same positions
