@@ -159,9 +159,8 @@ def special_token_ids(tokenizer, extra: list[int] = ()) -> torch.Tensor:
 
 
 def iter_texts(dataset: str, split: str = "train", text_column: str = "text"):
-    """Documents as strings: from a local folder of .txt / .txt.gz / .jsonl files (sorted by name;
-    a .txt file is one document, a .jsonl file one document per line), or an HF dataset by name,
-    streamed so that nothing is downloaded up front."""
+    """Documents as strings: from a folder of .txt(.gz) files (one document each) and .jsonl(.gz)
+    files (one per line), sorted by name, or from an HF dataset, streamed (no download up front)."""
     if os.path.isdir(dataset):
         files = sorted(f for f in glob.glob(os.path.join(dataset, "**", "*"), recursive=True)
                        if f.endswith((".txt", ".txt.gz", ".jsonl", ".jsonl.gz")))
@@ -256,9 +255,8 @@ def spliced_logprobs(model, tokens_BT: torch.Tensor, hook: str, new_act_BTD: tor
 
 
 def write_cache(folder: str, activations, manifest: dict, max_tokens: int, shard_tokens: int = 65_536):
-    """Write the stream (dicts from iter_activations) as shards of ~shard_tokens rows holding
-    x, y (if the hook points differ) and token ids, in the model's dtype, up to max_tokens
-    rows. Each shard is written under a temporary name and renamed; manifest.json comes last."""
+    """Write up to max_tokens rows of iter_activations' stream as shards of ~shard_tokens rows, each
+    under a temporary name then renamed, in the model's dtype; manifest.json comes last."""
     if os.path.exists(os.path.join(folder, "manifest.json")):
         raise ValueError(f"{folder} already holds a complete cache; train from it with --activations")
     from safetensors.torch import save_file
@@ -291,8 +289,7 @@ def write_cache(folder: str, activations, manifest: dict, max_tokens: int, shard
 
 
 def read_manifest(folder: str, expect: dict) -> dict:
-    """The manifest of a complete cache whose model and hook points are `expect`'s, else a
-    one-line ValueError saying what is wrong."""
+    """The manifest of a complete cache that holds what `expect` says, else a one-line ValueError."""
     path = os.path.join(folder, "manifest.json")
     if not os.path.isdir(folder):
         raise ValueError(f"--activations {folder}: no such folder")
@@ -318,10 +315,9 @@ def read_manifest(folder: str, expect: dict) -> dict:
 
 def iter_cache(folder: str, manifest: dict, seed: int, rank: int = 0, world_size: int = 1,
                start: int = 0, group: int = 4):
-    """Yield (index, (N, d_in + d_out) chunk) from a cache, forever: each pass visits the
-    shards in a fresh random order, and each chunk is `group` shards read together and
-    shuffled, so tokens mix across shards before they even reach the mixing buffer. Chunk i
-    belongs to rank i % world_size; chunks before `start` are skipped (resuming a run)."""
+    """Yield (index, (N, d_in + d_out) chunk) from a cache, forever: each pass visits the shards in a
+    fresh random order, `group` of them read together and shuffled into one chunk, so tokens mix
+    across shards before the mixing buffer. Chunk i belongs to rank i % world_size."""
     from safetensors.torch import load_file
     shards = manifest["shards"]
     per_pass = max(len(shards) // group, 1)
