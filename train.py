@@ -13,6 +13,8 @@
 The config is one flat dataclass; every field is a flag (--act-fn, --top-k, ...); --help lists them.
 """
 import dataclasses
+import glob
+import itertools
 import json
 import math
 import os
@@ -20,7 +22,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import torch
 import torch.distributed as dist
@@ -53,9 +55,8 @@ class Config:
     ignore_token_ids: list[int] = field(default_factory=list)
     """token ids dropped from training, in addition to BOS, EOS and pad."""
     max_norm_ratio: float | None = None
-    """drop tokens whose ||x|| exceeds this multiple of the batch median: "massive activation"
-    positions (SmolLM2 makes some first tokens after BOS ~100x the median), which otherwise
-    dominate the MSE (e.g. 10). None (default) keeps every token."""
+    """drop tokens with ||x|| > this x the batch median (e.g. 10): "massive activations" (SmolLM2:
+    some first tokens after BOS, ~100x the median), which dominate the MSE. None keeps every token."""
     cache_activations: str | None = None
     """write the activation stream (total_training_tokens of it) to this folder and exit."""
     activations: str | None = None
@@ -191,13 +192,15 @@ class Config:
             raise ValueError(f"--dataset {self.dataset} does not exist: give a folder of "
                              f".txt/.txt.gz/.jsonl files or an HF dataset name (owner/name)")
 
-    def d_sae(self, d_in: int) -> int:
-        return self.expansion_factor * d_in
+    @property
+    def hook_out(self) -> str:
+        """the activation the SAE reconstructs: hook_point_out, or hook_point_in for an SAE."""
+        return self.hook_point_out or self.hook_point_in
 
 
 def _looks_local(name: str) -> bool:
-    """A path rather than an HF dataset name (owner/name): it exists, starts like a path, has
-    more than one slash, or its first part is a local folder (e.g. a typo in data/austn)."""
+    """A path, not an HF name (owner/name): it exists, starts like a path, has two slashes, or its
+    first part is a local folder (e.g. a typo in data/austn)."""
     return (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
             or ("/" in name and os.path.isdir(name.split("/")[0])))
 
@@ -245,20 +248,13 @@ def print0(*args, **kwargs):
 # so a crash mid-save never leaves a broken "latest"
 
 
-def latest_checkpoint(path: str) -> str:
+def load_checkpoint(path: str) -> dict:
     """A checkpoint file, or the newest one in a run folder (or its checkpoints/ folder)."""
-    if os.path.isfile(path):
-        return path
     folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    found = sorted(f for f in os.listdir(folder) if f.startswith("step_") and f.endswith(".pt")) \
-        if os.path.isdir(folder) else []
+    found = [path] if os.path.isfile(path) else glob.glob(os.path.join(glob.escape(folder), "step_*.pt"))
     if not found:
         raise FileNotFoundError(f"--resume {path}: no checkpoint there (expected step_*.pt files)")
-    return os.path.join(folder, found[-1])
-
-
-def load_checkpoint(path: str) -> dict:
-    file = latest_checkpoint(path)
+    file = max(found)                                    # the step number is zero-padded
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=False)
         assert isinstance(ckpt, dict) and {"sae", "opt", "data", "config"} <= set(ckpt)
@@ -273,8 +269,8 @@ def save_checkpoint(folder: str, ckpt: dict, keep: int):
     path = os.path.join(folder, f"step_{ckpt['step']:09d}.pt")
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
-    for old in sorted(f for f in os.listdir(folder) if f.startswith("step_") and f.endswith(".pt"))[:-keep]:
-        os.remove(os.path.join(folder, old))
+    for old in sorted(glob.glob(os.path.join(glob.escape(folder), "step_*.pt")))[:-keep]:
+        os.remove(old)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -291,10 +287,10 @@ def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) 
     next-token loss with the activation at hook_point_out replaced by the reconstruction, against
     the clean loss and zero-ablation (SPEC, "Metrics"). BOS/EOS/pad positions stay clean."""
     sae.eval()
-    hook_out = cfg.hook_point_out or cfg.hook_point_in
-    hooks = sorted({cfg.hook_point_in, hook_out})
-    contexts = [c for _, c in acts.iter_contexts(_texts(cfg, cfg.eval_dataset), model.tokenizer, cfg.context_size,
-                                                 held_out=cfg.eval_tokens // cfg.context_size, eval=True)]
+    hooks = sorted({cfg.hook_point_in, cfg.hook_out})
+    held_out = cfg.eval_tokens // cfg.context_size
+    contexts = [c for _, c in acts.iter_contexts(_texts(cfg, cfg.eval_dataset), model.tokenizer,
+                                                 cfg.context_size, held_out=held_out, eval=True)]
     # EV sums (tokens, squared error, sum of y, sum of ||y||^2) over every kept token, and over the
     # typical ones: ||x|| <= TYPICAL_NORM_RATIO x the batch median, i.e. no massive activations.
     sums = {"": [0, 0.0, 0.0, 0.0], "_typical": [0, 0.0, 0.0, 0.0]}
@@ -307,13 +303,15 @@ def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) 
         logits, cache = model.run_with_cache(tokens, names_filter=hooks)
         if cfg.max_norm_ratio is not None:      # outlier positions are left out, as in training
             keep[keep.clone()] = acts.within_norm_ratio(cache[cfg.hook_point_in][keep], cfg.max_norm_ratio)
-        x, y = cache[cfg.hook_point_in][keep].to(sae.W_enc.dtype), cache[hook_out][keep].float()
+        x, y = cache[cfg.hook_point_in][keep].to(sae.W_enc.dtype), cache[cfg.hook_out][keep].float()
         y_hat, code = sae(x)
         y_hat = y_hat.float()
         for key, sel in (("", slice(None)), ("_typical", acts.within_norm_ratio(x, TYPICAL_NORM_RATIO))):
             s, y_s = sums[key], y[sel]
-            s[0], s[1] = s[0] + len(y_s), s[1] + (y_hat[sel] - y_s).pow(2).sum().item()
-            s[2], s[3] = s[2] + y_s.sum(0), s[3] + y_s.pow(2).sum().item()
+            s[0] += len(y_s)
+            s[1] += (y_hat[sel] - y_s).pow(2).sum().item()
+            s[2] += y_s.sum(0)
+            s[3] += y_s.pow(2).sum().item()
         nnz += code.nnz_per_token(len(x)).sum().item()
         fired += code.fired(sae.d_sae)
         # the LM with the reconstruction spliced in, clean, and zero-ablated at the same positions
@@ -321,8 +319,8 @@ def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) 
         new[keep] = y_hat
         target = tokens[:, 1:, None]
         lp_clean = logits[:, :-1].float().log_softmax(-1)
-        lp_sae = acts.spliced_logprobs(model, tokens, hook_out, new, keep)
-        lp_zero = acts.spliced_logprobs(model, tokens, hook_out, torch.zeros_like(new), keep)
+        lp_sae = acts.spliced_logprobs(model, tokens, cfg.hook_out, new, keep)
+        lp_zero = acts.spliced_logprobs(model, tokens, cfg.hook_out, torch.zeros_like(new), keep)
         for name, lp in (("clean", lp_clean), ("sae", lp_sae), ("zero", lp_zero)):
             ce[name] -= lp.gather(-1, target).sum().item()
         kl += (lp_clean.exp() * (lp_clean - lp_sae)).sum().item()
@@ -339,15 +337,50 @@ def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) 
             "kl_clean_sae": kl / n_pred, "tokens": n, "predicted_tokens": n_pred}
 
 
-def print_eval(result: dict, title: str):
+def print_eval(result: dict, title: str, folder: str | None = None):
+    """Print the evaluation table; with a folder, also write it there as eval.json."""
     print0(f"--- {title} ---")
     for k, v in result.items():
-        if not isinstance(v, dict):
-            print0(f"  {k:<26s} {v:.4f}" if isinstance(v, float) else f"  {k:<26s} {v}")
+        print0(f"  {k:<26s} {v:.4f}" if isinstance(v, float) else f"  {k:<26s} {v}")
+    if folder:
+        write_json(result, os.path.join(folder, "eval.json"))
+
+
+# -------------------------------------------------------------------------------------------------
+# the language model and its activation stream
+
+
+def default_device(cfg: Config) -> str:
+    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_lm(cfg: Config, device: str):
+    """The LM, and the ids of the tokens that never reach the SAE (BOS, EOS, pad, --ignore-token-ids)."""
+    model = acts.load_model(cfg.model, cfg.model_dtype, device)
+    return model, acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids)
+
+
+def check_hook_points(cfg: Config) -> int:
+    """Check both hook points against the model's config (no weights load); returns d_model."""
+    n_layers, d_model = acts.model_dims(cfg.model)
+    for hook in (cfg.hook_point_in, cfg.hook_out):
+        acts.check_hook_point(hook, n_layers)
+    return d_model
 
 
 def _texts(cfg: Config, dataset: str | None = None):
     return lambda: acts.iter_texts(dataset or cfg.dataset, cfg.dataset_split, cfg.text_column)
+
+
+def train_activations(cfg: Config, model, drop_ids: torch.Tensor, device: str, rank: int = 0,
+                      world: int = 1, start: int = 0, passes: int | None = None):
+    """acts.iter_activations over this rank's training contexts, from context `start` on. The first
+    eval_tokens of the data are held out for evaluation, unless --eval-dataset is given."""
+    held_out = 0 if cfg.eval_dataset else cfg.eval_tokens // cfg.context_size
+    contexts = acts.iter_contexts(_texts(cfg), model.tokenizer, cfg.context_size, rank, world,
+                                  held_out=held_out, start=start, passes=passes)
+    return acts.iter_activations(model, contexts, cfg.hook_point_in, cfg.hook_out, drop_ids,
+                                 cfg.model_batch_contexts, device, cfg.max_norm_ratio)
 
 
 def folded(sae: SAE, s_in: float, s_out: float) -> SAE:
@@ -392,7 +425,7 @@ class Window:
             for t in (self.sums, self.y_sum):
                 dist.all_reduce(t)
         n, err, y2, nnz = self.sums.tolist()
-        freq = self.fired / (n * world if world > 1 else n)    # fired is summed over ranks already
+        freq = self.fired / (n * world)                        # fired is summed over ranks already
         return {"n": n / world, "explained_variance": 1 - err / (y2 - self.y_sum.pow(2).sum().item() / n),
                 "l0": nnz / n, **{k: v / self.steps for k, v in self.terms.items()},
                 "ultra_rare": (freq < 1e-5).float().mean().item(),
@@ -404,11 +437,11 @@ def log(m: dict, bar, wandb_run, log_dir: str):
     if int(os.environ.get("RANK", 0)) != 0:
         return
     terms = " ".join(f"{k} {m[k]:.4g}" for k in ("mse", "sparsity", "pre_act", "auxk") if k in m)
-    bar.write(f"step {m['step']:6d} | tokens {m['tokens']:,} | loss {m['loss']:.4g} ({terms}) | "
-              f"ev {m['explained_variance']:.4f} | l0 {m['l0']:.1f} | dead {m['dead']:.3f} | "
-              f"rare {m['ultra_rare']:.3f} | dense {m['dense']:.3f} | k {m['k']} | lr {m['lr']:.2e} | "
-              f"{m['tokens_per_s']:,.0f} tok/s" + (f" | outliers {m['outliers_dropped']}"
-                                                   if m["outliers_dropped"] else ""))
+    line = (f"step {m['step']:6d} | tokens {m['tokens']:,} | loss {m['loss']:.4g} ({terms}) | "
+            f"ev {m['explained_variance']:.4f} | l0 {m['l0']:.1f} | dead {m['dead']:.3f} | "
+            f"rare {m['ultra_rare']:.3f} | dense {m['dense']:.3f} | k {m['k']} | lr {m['lr']:.2e} | "
+            f"{m['tokens_per_s']:,.0f} tok/s")
+    bar.write(line + (f" | outliers {m['outliers_dropped']}" if m["outliers_dropped"] else ""))
     with open(os.path.join(log_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(m) + "\n")
     if wandb_run:
@@ -431,7 +464,7 @@ def start_wandb(cfg: Config, ckpt: dict | None):
 # -------------------------------------------------------------------------------------------------
 # config files: flat keys named like the Config fields; command-line flags override them
 
-NOT_SAVED = ("config", "resume", "eval_only", "cache_activations")                   # actions, not part of a run
+NOT_SAVED = ("config", "resume", "eval_only", "cache_activations")      # actions, not part of a run
 
 
 def run_config(cfg: Config) -> dict:
@@ -469,22 +502,19 @@ def read_config_file(path: str) -> dict:
 
 
 def _type_ok(value, tp) -> bool:
-    import typing
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Literal:
-        return value in args
-    if origin in (typing.Union, __import__("types").UnionType):
-        return any(_type_ok(value, a) for a in args)
-    if origin is list:
-        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    """value fits the Config annotation tp: a Literal, a list, a union (X | None) or a class."""
+    if get_origin(tp) is Literal:
+        return value in get_args(tp)
+    if get_origin(tp) is list:
+        return isinstance(value, list) and all(_type_ok(v, get_args(tp)[0]) for v in value)
+    if get_args(tp):                                                     # X | None
+        return any(_type_ok(value, a) for a in get_args(tp))
+    if isinstance(value, bool):                       # a bool is an int to isinstance(), not here
+        return tp is bool
+    return isinstance(value, (int, float) if tp is float else tp)
 
 
-def _check_compatible(saved: dict, cfg: Config, sae: SAE):
+def _check_compatible(saved: dict, cfg: Config):
     """A checkpoint continues only the run that wrote it: the fields that shape the SAE, the data
     or the schedule must match."""
     keys = ("model", "dataset", "hook_point_in", "hook_point_out", "act_fn", "expansion_factor",
@@ -512,7 +542,7 @@ def parse_args(argv: list[str]) -> Config:
 def main(cfg: Config) -> dict:
     # --- distributed prologue: torchrun sets RANK / WORLD_SIZE; without them, one process -------
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(cfg)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
     if world > 1:
@@ -522,7 +552,6 @@ def main(cfg: Config) -> dict:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     B = cfg.batch_size // world                                  # this rank's share of a step
     total_steps = cfg.total_training_tokens // cfg.batch_size
-    hook_out = cfg.hook_point_out or cfg.hook_point_in
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
     ckpt_dir = os.path.join(cfg.exp_result_path, "checkpoints")
     if not ckpt and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
@@ -531,25 +560,22 @@ def main(cfg: Config) -> dict:
     if ckpt and len(ckpt["data"]) != world:
         raise ValueError(f"--resume: the checkpoint was written by {len(ckpt['data'])} processes, "
                          f"this run has {world}; resume with the same --nproc_per_node")
-    if cfg.activations:                        # the cache says what it holds
-        manifest = acts.read_manifest(cfg.activations, {"model": cfg.model, "hook_point_in":
-                                                        cfg.hook_point_in, "hook_point_out": hook_out})
-    else:
-        n_layers, d_model = acts.model_dims(cfg.model)
-        for h in (cfg.hook_point_in, hook_out):
-            acts.check_hook_point(h, n_layers)
-        if "resid" in cfg.hook_point_in and cfg.top_k >= cfg.d_sae(d_model):
-            raise ValueError(f"--top-k {cfg.top_k} must be below d_sae = {cfg.d_sae(d_model)}")
     torch.manual_seed(cfg.seed)
 
     # --- the language model (or a cache of its activations) and the activation stream ----------
-    if cfg.activations:
-        model, drop_ids, (d_in, d_out) = None, None, (manifest["d_in"], manifest["d_out"])
+    if cfg.activations:                        # the cache says what it holds; no LM while training
+        manifest = acts.read_manifest(cfg.activations, {"model": cfg.model, "hook_point_in":
+                                                        cfg.hook_point_in, "hook_point_out": cfg.hook_out})
+        model, drop_ids, d_in, d_out = None, None, manifest["d_in"], manifest["d_out"]
     else:
-        model = acts.load_model(cfg.model, cfg.model_dtype, device)
-        d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, hook_out)
-        drop_ids = acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids)
+        d_sae = cfg.expansion_factor * check_hook_points(cfg)
+        if "resid" in cfg.hook_point_in and cfg.top_k >= d_sae:   # before the model loads, when we can
+            raise ValueError(f"--top-k {cfg.top_k} must be below d_sae = {d_sae}")
+        model, drop_ids = load_lm(cfg, device)
+        d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out)
+    # where this rank is in its data: a checkpoint saves it after every batch
     data = ckpt["data"][rank] if ckpt else {"next_context": 0, "mix": {}}
+    data.setdefault("outliers", 0)
 
     def chunks():
         if cfg.activations:                    # next_context counts the cache's chunks here
@@ -558,12 +584,9 @@ def main(cfg: Config) -> dict:
                 data["next_context"] = i + 1
                 yield xy.to(device)
             return
-        held_out = 0 if cfg.eval_dataset else cfg.eval_tokens // cfg.context_size
-        contexts = acts.iter_contexts(_texts(cfg), model.tokenizer, cfg.context_size, rank, world,
-                                      held_out=held_out, start=data["next_context"])
-        for a in acts.iter_activations(model, contexts, cfg.hook_point_in, hook_out, drop_ids,
-                                       cfg.model_batch_contexts, device, cfg.max_norm_ratio):
-            data["next_context"], data["outliers"] = a["last"] + 1, data.get("outliers", 0) + a["outliers"]
+        for a in train_activations(cfg, model, drop_ids, device, rank, world, data["next_context"]):
+            data["next_context"] = a["last"] + 1
+            data["outliers"] += a["outliers"]
             yield torch.cat([a["x"], a["y"]], dim=1)
 
     def stream():
@@ -571,16 +594,14 @@ def main(cfg: Config) -> dict:
         for xy in acts.mix(chunks(), cfg.buffer_size, B, cfg.perm_seed + rank,
                            cfg.generator_device or device, data["mix"]):
             xy = xy.to(getattr(torch, cfg.dtype))
-            yield xy[:, :d_in], xy[:, d_in:], {"next_context": data["next_context"],
-                                               "outliers": data.get("outliers", 0),
-                                               "mix": dict(data["mix"])}
+            yield xy[:, :d_in], xy[:, d_in:], {**data, "mix": dict(data["mix"])}
     batches = stream()
 
     # --- the SAE: normalization and init from the first batch, or the checkpoint ---------------
-    d_sae = cfg.d_sae(d_in)
-    if not 1 <= cfg.top_k < d_sae:
-        raise ValueError(f"--top-k {cfg.top_k} must be in [1, d_sae = {d_sae})")
-    sae = SAE(d_in, d_sae, cfg.act_fn, cfg.top_k, d_out, hook_out != cfg.hook_point_in,
+    d_sae = cfg.expansion_factor * d_in
+    if cfg.top_k >= d_sae:
+        raise ValueError(f"--top-k {cfg.top_k} must be below d_sae = {d_sae}")
+    sae = SAE(d_in, d_sae, cfg.act_fn, cfg.top_k, d_out, cfg.hook_out != cfg.hook_point_in,
               cfg.jumprelu_threshold_window, cfg.jumprelu_init_threshold,
               dtype=getattr(torch, cfg.dtype), device=device)
     params = [p for n, p in sae.named_parameters() if n != "log_threshold"]
@@ -589,9 +610,9 @@ def main(cfg: Config) -> dict:
                            lr=cfg.lr, betas=(0.9, 0.999))
     dead_tokens = min(cfg.dead_tokens, cfg.total_training_tokens // 10)
     since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)   # tokens since last fire
-    step, first = 0, None
+    step = 0
     if ckpt:
-        _check_compatible(ckpt["config"], cfg, sae)
+        _check_compatible(ckpt["config"], cfg)
         sae.load_state_dict(ckpt["sae"])
         opt.load_state_dict(ckpt["opt"])
         s_in, s_out, step = ckpt["s_in"], ckpt["s_out"], ckpt["step"]
@@ -600,6 +621,7 @@ def main(cfg: Config) -> dict:
         print0(f"resumed from step {step} ({cfg.resume})")
     else:
         first = next(batches)
+        batches = itertools.chain([first], batches)            # the first batch is trained on too
         x0, y0 = first[0].float(), first[1].float()
         # One dataset-wide constant each for x and y so that mean ||x|| = sqrt(d). Averaged over
         # ranks, like the initial b_dec, so that every rank starts from the same SAE.
@@ -607,7 +629,8 @@ def main(cfg: Config) -> dict:
                          device=device) if cfg.normalize_activations else torch.ones(2, device=device)
         mean_y = y0.mean(0) * s[1]
         if world > 1:
-            dist.all_reduce(s), dist.all_reduce(mean_y)
+            dist.all_reduce(s)                                 # normalization constants
+            dist.all_reduce(mean_y)                            # initial b_dec
             s, mean_y = s / world, mean_y / world
         s_in, s_out = s.tolist()
         with torch.no_grad():
@@ -639,8 +662,7 @@ def main(cfg: Config) -> dict:
     bar = progress_bar(total_steps * cfg.batch_size, step * cfg.batch_size, rank)
     t0 = time.time()
     while step < total_steps:
-        x, y, snap = first if first is not None else next(batches)
-        first = None
+        x, y, snap = next(batches)
         x, y = x * s_in, y * s_out
         k, lr = k_at(step, cfg, total_steps), lr_at(step, cfg, total_steps)
         for group in opt.param_groups:
@@ -663,12 +685,10 @@ def main(cfg: Config) -> dict:
         loss.backward()
         if world > 1:
             # Average gradients over ranks: each rank's loss is a mean over its B tokens.
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in sae.parameters()]
-            flat = torch.cat([g.flatten() for g in grads])
-            dist.all_reduce(flat)
-            flat /= world
-            for g, p, new in zip(grads, sae.parameters(), flat.split([g.numel() for g in grads])):
-                p.grad = new.view_as(g)
+            for p in sae.parameters():
+                p.grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= world
         opt.step()
 
         # State that is not a parameter, made identical on every rank explicitly.
@@ -706,17 +726,16 @@ def main(cfg: Config) -> dict:
         if world > 1:
             dist.all_reduce(stop_now)
         if stop_now > 0 or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            state = dict(step=step, sae=sae.state_dict(), opt=opt.state_dict(), s_in=s_in,
-                         s_out=s_out, since_fired=since_fired.cpu(), rng=torch.get_rng_state(),
-                         config=run_config(cfg), wandb_id=wandb_run.id if wandb_run else None)
-            all_data = [None] * world
-            if world > 1:
+            all_data = [snap]
+            if world > 1:                                              # every rank's data position
+                all_data = [None] * world
                 dist.all_gather_object(all_data, snap)
-            else:
-                all_data = [snap]
             if rank == 0:
-                save_checkpoint(ckpt_dir,
-                                {**state, "data": all_data}, cfg.keep_checkpoints)
+                save_checkpoint(ckpt_dir, dict(
+                    step=step, sae=sae.state_dict(), opt=opt.state_dict(), s_in=s_in, s_out=s_out,
+                    since_fired=since_fired.cpu(), rng=torch.get_rng_state(), data=all_data,
+                    config=run_config(cfg), wandb_id=wandb_run.id if wandb_run else None),
+                    cfg.keep_checkpoints)
             if stop_now > 0:
                 print0(f"stopped by a signal at step {step}; checkpoint written, resume with "
                        f"--resume {cfg.exp_result_path}")
@@ -737,21 +756,18 @@ def main(cfg: Config) -> dict:
     result = {}
     if rank == 0:
         if model is None:                      # trained from a cache: the LM is needed only now
-            model = acts.load_model(cfg.model, cfg.model_dtype, device)
-            drop_ids = acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids)
+            model, drop_ids = load_lm(cfg, device)
         sae_raw = folded(sae, s_in, s_out)
         extra = {"train": run_config(cfg), "norm_scale_in": s_in, "norm_scale_out": s_out}
         sae_raw.save(cfg.exp_result_path, extra)
         result = evaluate(sae_raw, model, cfg, drop_ids, device)
-        print_eval(result, f"held-out evaluation ({cfg.exp_result_path})")
-        write_json(result, os.path.join(cfg.exp_result_path, "eval.json"))
+        print_eval(result, f"held-out evaluation ({cfg.exp_result_path})", cfg.exp_result_path)
         if cfg.act_fn == "batchtopk":
             sae_raw.to_jumprelu_()
             folder = os.path.join(cfg.exp_result_path, "jumprelu")
             sae_raw.save(folder, extra)
             result["jumprelu"] = evaluate(sae_raw, model, cfg, drop_ids, device)
-            print_eval(result["jumprelu"], f"converted to JumpReLU ({folder})")
-            write_json(result["jumprelu"], os.path.join(folder, "eval.json"))
+            print_eval(result["jumprelu"], f"converted to JumpReLU ({folder})", folder)
         if wandb_run:
             wandb_run.log({f"eval/{k}": v for k, v in result.items() if not isinstance(v, dict)}, step=step)
             wandb_run.finish()
@@ -765,31 +781,23 @@ def _finish(world: int):
         dist.destroy_process_group()
 
 
-
 def cache_main(cfg: Config) -> dict:
     """--cache-activations DIR: write total_training_tokens of the activation stream (held-out
     contexts excluded) to DIR, so that runs with --activations DIR skip the LM entirely."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("--cache-activations runs in one process (the LM forward is the cost); "
                          "train from the cache under torchrun")
-    hook_out = cfg.hook_point_out or cfg.hook_point_in
-    n_layers, _ = acts.model_dims(cfg.model)
-    for h in (cfg.hook_point_in, hook_out):
-        acts.check_hook_point(h, n_layers)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = acts.load_model(cfg.model, cfg.model_dtype, device)
-    d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, hook_out)
-    contexts = acts.iter_contexts(_texts(cfg), model.tokenizer, cfg.context_size, passes=1,
-                                  held_out=0 if cfg.eval_dataset else cfg.eval_tokens // cfg.context_size)
-    stream = acts.iter_activations(model, contexts, cfg.hook_point_in, hook_out,
-                                   acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids),
-                                   cfg.model_batch_contexts, device, cfg.max_norm_ratio)
+    check_hook_points(cfg)
+    device = default_device(cfg)
+    model, drop_ids = load_lm(cfg, device)
+    d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out)
+    keys = ("model", "model_dtype", "hook_point_in", "context_size", "dataset", "dataset_split",
+            "eval_tokens", "ignore_token_ids", "max_norm_ratio")
+    manifest = {k: getattr(cfg, k) for k in keys}
+    manifest.update(hook_point_out=cfg.hook_out, sae=cfg.hook_out == cfg.hook_point_in,
+                    d_in=d_in, d_out=d_out)
     bar = progress_bar(cfg.total_training_tokens, 0, 0)
-    manifest = {"model": cfg.model, "model_dtype": cfg.model_dtype, "hook_point_in": cfg.hook_point_in,
-                "hook_point_out": hook_out, "sae": hook_out == cfg.hook_point_in, "d_in": d_in,
-                "d_out": d_out, "context_size": cfg.context_size, "dataset": cfg.dataset,
-                "dataset_split": cfg.dataset_split, "eval_tokens": cfg.eval_tokens,
-                "ignore_token_ids": cfg.ignore_token_ids, "max_norm_ratio": cfg.max_norm_ratio}
+    stream = train_activations(cfg, model, drop_ids, device, passes=1)
     manifest = acts.write_cache(cfg.cache_activations, (bar.update(len(a["x"])) or a for a in stream),
                                 manifest, cfg.total_training_tokens)
     bar.close()
@@ -803,14 +811,14 @@ def eval_only(folder: str, eval_dataset: str | None = None) -> dict:
     the table and write eval.json into the folder."""
     sae = SAE.load(folder)
     with open(os.path.join(folder, "config.json")) as f:
-        cfg = Config(**{**json.load(f)["train"], **({"eval_dataset": eval_dataset} if eval_dataset else {})})
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = acts.load_model(cfg.model, cfg.model_dtype, device)
-    drop_ids = acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids)
+        cfg = Config(**json.load(f)["train"])
+    cfg.eval_dataset = eval_dataset or cfg.eval_dataset
+    device = default_device(cfg)
+    model, drop_ids = load_lm(cfg, device)
     result = evaluate(sae.to(device), model, cfg, drop_ids, device)
-    print_eval(result, f"held-out evaluation ({folder})")
-    write_json(result, os.path.join(folder, "eval.json"))
+    print_eval(result, f"held-out evaluation ({folder})", folder)
     return result
+
 
 if __name__ == "__main__":
     try:
