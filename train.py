@@ -425,7 +425,7 @@ class Window:
             for t in (self.sums, self.y_sum):
                 dist.all_reduce(t)
         n, err, y2, nnz = self.sums.tolist()
-        freq = self.fired / (n * world)                        # fired is summed over ranks already
+        freq = self.fired / n               # both summed over ranks: fired in the loop, n just above
         return {"n": n / world, "explained_variance": 1 - err / (y2 - self.y_sum.pow(2).sum().item() / n),
                 "l0": nnz / n, **{k: v / self.steps for k, v in self.terms.items()},
                 "ultra_rare": (freq < 1e-5).float().mean().item(),
