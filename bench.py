@@ -158,6 +158,7 @@ def step_flops(B: int, d: int, m: int, l0: float | None) -> float:
 def bench_sae(a, roof: dict) -> dict:
     ratios, rows = {}, []
     x = torch.randn(a.batch, a.d, device=a.device)
+    t_dense = None                                             # set by each "dense" row first
     for e in a.expansions:
         m = e * a.d
         for name, dt in DTYPES.items():
@@ -201,7 +202,7 @@ def bench_lm(a) -> dict:
         ratios[name] = t_raw / t_bridge
         rows.append([name, f"{n * 256 / t_bridge:,.0f}", f"{n * 256 / t_raw:,.0f}", f"{ratios[name]:.2f}x"])
         attn = (bridge.original_model.config._attn_implementation, raw.config._attn_implementation)
-        del bridge, raw
+        bridge = raw = None                             # free both models before the next dtype
     print(f"{n} contexts of 256 tokens per forward, up to {HOOK}; attention: bridge {attn[0]}, raw {attn[1]}")
     table(["dtype", "bridge tokens/s", "raw HF tokens/s", "bridge/raw"], rows)
     return ratios
