@@ -90,9 +90,10 @@ def bench_matmul(a) -> dict:
 # --- 2. SAE training step: nanoSAE per act_fn vs a dense TopK reference --------------------------
 
 
-def adam_step(params, loss_fn, autocast):
-    """One training step: loss_fn() under autocast, backward, Adam."""
-    opt = torch.optim.Adam(params, lr=1e-4)
+def adam_step(params, loss_fn, autocast, fused: bool):
+    """One training step: loss_fn() under autocast, backward, Adam (train.py's fused Adam, or
+    torch's default one for the reference)."""
+    opt = torch.optim.Adam(params, lr=1e-4, fused=fused)
 
     def step():
         with autocast:
@@ -124,16 +125,20 @@ def sae_step(a, act_fn: str, m: int, x, autocast):
 
     def loss_fn():
         y_hat, code = sae(x)
-        l0.append(code.nnz_per_token(len(x)).float().mean().item())
         mse = (y_hat.float() - x).pow(2).sum(-1).mean()
         return mse + 5e-3 * sae.sparsity_loss(code, penalty) if penalty else mse
-    l0 = []
-    return adam_step(sae.parameters(), loss_fn, autocast), l0
+
+    @torch.no_grad()
+    def l0():                                   # after the timing: not part of the step
+        with autocast:
+            return sae(x)[1].nnz_per_token(len(x)).float().mean().item()
+    return adam_step(sae.parameters(), loss_fn, autocast, fused=True), l0
 
 
 def dense_step(a, m: int, x, autocast):
     """The textbook TopK SAE: the code is scattered into a dense (B, m) matrix and decoded with a
-    dense matmul, m*d per token where nanoSAE's sparse decode (embedding_bag) costs k*d."""
+    dense matmul, m*d per token where nanoSAE's sparse decode (embedding_bag) costs k*d; torch's
+    default Adam."""
     W_enc = (torch.randn(a.d, m, device=a.device) / a.d ** 0.5).requires_grad_()
     W_dec = W_enc.detach().T.clone().requires_grad_()
     b_enc, b_dec = (torch.zeros(n, device=a.device, requires_grad=True) for n in (m, a.d))
@@ -143,7 +148,7 @@ def dense_step(a, m: int, x, autocast):
         vals, idx = h_BM.topk(a.k, dim=-1)
         f_BM = torch.zeros_like(h_BM).scatter(-1, idx, vals)
         return (f_BM @ W_dec + b_dec - x).float().pow(2).sum(-1).mean()
-    return adam_step([W_enc, b_enc, W_dec, b_dec], loss_fn, autocast)
+    return adam_step([W_enc, b_enc, W_dec, b_dec], loss_fn, autocast, fused=False)
 
 
 def step_flops(B: int, d: int, m: int, l0: float | None) -> float:
@@ -165,16 +170,18 @@ def bench_sae(a, roof: dict) -> dict:
             autocast = torch.autocast(torch.device(a.device).type, dtype=dt, enabled=name != "fp32")
             for act_fn in ("dense",) + ACT_FNS + FRESH:        # dense first: the others' reference
                 torch.manual_seed(0)
-                step, l0 = (dense_step(a, m, x, autocast), [a.k]) if act_fn == "dense" else \
+                step, l0 = (dense_step(a, m, x, autocast), lambda: a.k) if act_fn == "dense" else \
                     sae_step(a, act_fn, m, x, autocast)
                 t = timeit(step, a.device, *a.reps)
+                l0 = l0()
                 del step                                       # free the weights and Adam state
                 t_dense = t if act_fn == "dense" else t_dense
                 ratios[act_fn, e, name] = t_dense / t          # = tokens/s ratio, nanoSAE/dense
                 # the path sae.py took: sparse for topk / batchtopk, and for relu / jumprelu at a low L0
-                sparse = act_fn != "dense" and l0[-1] <= SPARSE_BELOW.get(torch.device(a.device).type, 0) * m
-                gflops = step_flops(a.batch, a.d, m, l0[-1] if sparse else None) / t / 1e9
-                rows.append(["dense topk (ref)" if act_fn == "dense" else act_fn, e, name, f"{l0[-1]:.0f}",
+                below = SPARSE_BELOW.get((torch.device(a.device).type, dt), 0)
+                sparse = act_fn != "dense" and l0 <= below * m
+                gflops = step_flops(a.batch, a.d, m, l0 if sparse else None) / t / 1e9
+                rows.append(["dense topk (ref)" if act_fn == "dense" else act_fn, e, name, f"{l0:.0f}",
                              f"{a.batch / t:,.0f}", gflops, f"{gflops / roof[m, name]:.0%}",
                              f"{ratios[act_fn, e, name]:.2f}x"])
     table(["step", "expansion", "dtype", "L0", "tokens/s", "GFLOP/s", "of roof", "vs dense"], rows)

@@ -44,16 +44,21 @@ class Code(NamedTuple):
         """The contributions h_i * n_i that the activation functions rank and threshold."""
         return self.pre_BM if self.pre_is_c else self.pre_BM * self.n_M.to(self.pre_BM.dtype)
 
+    def active(self) -> torch.Tensor:
+        """(B, m) 1.0 where a latent fired (f >= 0 always), as floats: summing a bool mask takes
+        twice as long on CPU. Dense code only."""
+        return torch.gt(self.f_BM, 0, out=torch.empty(self.f_BM.shape, device=self.f_BM.device))
+
     def nnz_per_token(self, B: int) -> torch.Tensor:
         """(B,) number of active latents of each token."""
         if self.f_BM is not None:
-            return (self.f_BM != 0).sum(-1)
+            return self.active().sum(-1)
         return torch.bincount(self.rows[self.vals != 0], minlength=B)
 
     def fired(self, M: int) -> torch.Tensor:
         """(M,) how many tokens of the batch each latent fired on."""
         if self.f_BM is not None:
-            return (self.f_BM != 0).sum(0)
+            return self.active().sum(0)
         return torch.bincount(self.cols[self.vals != 0], minlength=M)
 
 
@@ -70,7 +75,10 @@ class JumpReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, n, theta, eps):
         n, theta = n.detach().float(), theta.detach()
-        on = h > theta / n
+        # Masks as 1.0 / 0.0 in h's dtype, bounds cast to it too: a bool mask, or a bf16 h against
+        # fp32 bounds, makes each of these passes 2-8x slower on CPU (jumprelu step at L0 ~ m/2,
+        # d=768, 8x, 2 CPU cores: 1.08x faster in fp32, 1.28x under bf16 autocast).
+        on = torch.gt(h, (theta / n).to(h.dtype), out=torch.empty_like(h))
         ctx.save_for_backward(h, n, theta, on)
         ctx.eps = eps
         return h * on
@@ -80,10 +88,12 @@ class JumpReLU(torch.autograd.Function):
         h, n, theta, on = ctx.saved_tensors
         # c in (theta - eps/2, theta + eps/2) and c > 0, as bounds on h; dL/da = dL/df / n.
         lo, hi = ((theta - ctx.eps / 2) / n).clamp(min=0), (theta + ctx.eps / 2) / n
-        g_window = torch.where((h > lo) & (h < hi), g, 0)
+        window = torch.gt(h, lo.to(h.dtype), out=torch.empty_like(h))
+        window -= torch.ge(h, hi.to(h.dtype), out=torch.empty_like(h))    # lo < h < hi
+        g_window = g * window
         if g_window.dim() > theta.dim():                     # (B, m): sum over the batch
-            g_window = g_window.sum(0, dtype=torch.float32)
-        return g * on, None, g_window * (-theta / ctx.eps) / n, None
+            g_window = g_window.sum(0)
+        return g * on, None, g_window.float() * (-theta / ctx.eps) / n, None
 
 
 class SparseEncode(torch.autograd.Function):
@@ -133,10 +143,11 @@ def largest_pairs(c_BM: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 # relu / jumprelu switch to the sparse code (and SparseEncode's backward) when at most this share
-# of (token, latent) pairs can get a gradient; above it the dense matmuls are faster (crossover
-# ~6% on 2 CPU cores at d=768, 8x). CPU only: on a GPU the dense bf16 matmuls beat the sparse
-# kernels even at k/m = 1% (H200: topk's sparse step 0.43x a dense bf16 TopK step).
-SPARSE_BELOW = {"cpu": 0.05}
+# of (token, latent) pairs can get a gradient; above it the dense matmuls are faster: crossover
+# ~6% in fp32 and ~4% under bf16 autocast (whose matmuls are 2x faster) on 2 CPU cores at d=576
+# and 768, 8x. CPU only: on a GPU the dense bf16 matmuls beat the sparse kernels even at
+# k/m = 1% (H200: topk's sparse step 0.43x a dense bf16 TopK step).
+SPARSE_BELOW = {("cpu", torch.float32): 0.05, ("cpu", torch.bfloat16): 0.03}
 
 
 class SAE(nn.Module):
@@ -191,9 +202,10 @@ class SAE(nn.Module):
             h_BM = torch.addmm(bias_M, x_BD, self.W_enc)
             theta_M, eps = self.log_threshold.exp(), self.jumprelu_threshold_window
             with torch.no_grad():   # pairs that can get a gradient: h > 0, or c in JumpReLU's window
-                live_BM = h_BM > (0 if self.act_fn == "relu" else (theta_M - eps / 2).clamp(min=0) / n_M)
+                lo_M = 0 if self.act_fn == "relu" else ((theta_M - eps / 2) / n_M).clamp(min=0).to(h_BM.dtype)
+                live_BM = h_BM > lo_M
             # (count_nonzero: a .sum() of bools is 10x slower on CPU)
-            if torch.count_nonzero(live_BM) > SPARSE_BELOW.get(x_BD.device.type, 0) * B * M:
+            if torch.count_nonzero(live_BM) > SPARSE_BELOW.get((h_BM.device.type, h_BM.dtype), 0) * B * M:
                 f_BM = F.relu(h_BM) if self.act_fn == "relu" else JumpReLU.apply(h_BM, n_M, theta_M, eps)
                 return Code(f_BM, None, None, None, h_BM, n_M)
             # Once trained, ~k latents per token fire: the same sparse code and backward as topk
@@ -259,7 +271,7 @@ class SAE(nn.Module):
         n_M = code.n_M.to(code.f_BM.dtype)
         if kind == "l1":
             return (code.f_BM @ n_M).mean()              # a matvec: one read of f
-        return torch.tanh(c * code.f_BM * n_M).sum() / B
+        return torch.tanh(code.f_BM * (c * n_M)).sum() / B          # (c * n: one (B, m) pass fewer)
 
     def pre_act_loss(self, code: Code):
         """JumpReLU's pre-activation loss sum_i ReLU(theta_i - h_i) n_i: it pulls latents that sit

@@ -124,7 +124,7 @@ def test_fast_paths_equal_straightforward_sae(act_fn, penalty, sparse, monkeypat
     the bias, and once few latents fire switches to a sparse code with a sparse backward; the
     straightforward SAE of the README's formulas must give the same outputs and the same
     gradients for every parameter, on both paths."""
-    monkeypatch.setitem(sae_module.SPARSE_BELOW, "cpu", 1.1 if sparse else 0.0)
+    monkeypatch.setitem(sae_module.SPARSE_BELOW, ("cpu", torch.float32), 1.1 if sparse else 0.0)
     sae = make(act_fn, jumprelu_init_threshold=0.3, jumprelu_threshold_window=0.5)
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(64, 1) + 0.5)                    # unequal decoder norms
