@@ -160,6 +160,28 @@ def test_fast_paths_equal_straightforward_sae(act_fn, penalty, sparse, monkeypat
     assert g_fast[0].abs().sum() > 0 and (act_fn == "relu" or g_fast[4].abs().sum() > 0)
 
 
+@pytest.mark.parametrize("act_fn", ["relu", "jumprelu"])
+def test_sparse_and_dense_paths_agree_under_bf16_autocast(act_fn, monkeypatch):
+    """Under bf16 autocast h is bf16 and the masks and bounds follow it; both paths must still
+    give the same outputs and gradients (to bf16 precision)."""
+    sae = make(act_fn, jumprelu_init_threshold=0.3, jumprelu_threshold_window=0.5)
+    x = torch.randn(64, 16)
+    results = []
+    for share in (0.0, 1.1):                                # dense path, then sparse path
+        monkeypatch.setitem(sae_module.SPARSE_BELOW, ("cpu", torch.bfloat16), share)
+        sae.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, code = sae(x)
+            loss = (y.float() - x).pow(2).sum(-1).mean() + 0.1 * sae.sparsity_loss(code, "tanh")
+        assert (code.f_BM is None) == (share > 1) and code.pre_BM.dtype == torch.bfloat16
+        loss.backward()
+        results.append([y.float()] + [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                      for p in (sae.W_enc, sae.W_dec, sae.b_enc, sae.log_threshold)])
+    for name, a, b in zip(("y", "W_enc", "W_dec", "b_enc", "log_threshold"), *results):
+        assert (a - b).abs().max() <= 0.02 * a.abs().max() + 1e-6, name
+    assert results[0][-1].abs().sum() > 0 or act_fn == "relu"
+
+
 def test_jumprelu_log_threshold_learns_through_the_sae():
     sae = make("jumprelu", jumprelu_init_threshold=0.3, jumprelu_threshold_window=1.0)
     y_hat, code = sae(torch.randn(64, 16))
