@@ -202,10 +202,10 @@ class SAE(nn.Module):
             h_BM = torch.addmm(bias_M, x_BD, self.W_enc)
             theta_M, eps = self.log_threshold.exp(), self.jumprelu_threshold_window
             with torch.no_grad():   # pairs that can get a gradient: h > 0, or c in JumpReLU's window
-                lo_M = 0 if self.act_fn == "relu" else ((theta_M - eps / 2) / n_M).clamp(min=0).to(h_BM.dtype)
-                live_BM = h_BM > lo_M
-            # (count_nonzero: a .sum() of bools is 10x slower on CPU)
-            if torch.count_nonzero(live_BM) > SPARSE_BELOW.get((h_BM.device.type, h_BM.dtype), 0) * B * M:
+                lo_M = ((theta_M - eps / 2) / n_M).clamp(min=0) if self.act_fn == "jumprelu" else 0 * n_M
+                live_BM = h_BM > lo_M.to(h_BM.dtype)
+            share = SPARSE_BELOW.get((h_BM.device.type, h_BM.dtype), 0)
+            if torch.count_nonzero(live_BM) > share * B * M:        # (a .sum() of bools: 10x slower)
                 f_BM = F.relu(h_BM) if self.act_fn == "relu" else JumpReLU.apply(h_BM, n_M, theta_M, eps)
                 return Code(f_BM, None, None, None, h_BM, n_M)
             # Once trained, ~k latents per token fire: the same sparse code and backward as topk

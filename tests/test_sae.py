@@ -40,8 +40,9 @@ def test_batchtopk_has_k_on_average_but_not_per_token():
 
 @pytest.mark.parametrize("massive", [False, True])
 def test_batchtopk_selects_exactly_the_k_b_largest_of_the_batch(massive):
-    """The selection goes through each token's top 4k; it must equal a plain topk over all B*m
-    contributions, also when one token (a massive activation) takes far more than 4k latents."""
+    """The selection goes through a threshold sampled from the batch; it must equal a plain topk
+    over all B*m contributions, also when one token (a massive activation) takes far more than 4k
+    latents."""
     sae = make("batchtopk", m=256)
     x = torch.randn(32, 16) * torch.linspace(0.1, 3, 32)[:, None]
     if massive:
