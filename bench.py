@@ -32,7 +32,7 @@ import transformers
 
 import activations as acts
 import train
-from sae import SAE, SPARSE_BELOW
+from sae import SAE
 
 HOOK = "blocks.15.hook_resid_post"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -105,8 +105,8 @@ def adam_step(params, loss_fn, autocast, fused: bool):
 
 
 def sae_step(a, act_fn: str, m: int, x, autocast):
-    """nanoSAE's step, as train.py takes it (AuxK aside: a fresh SAE has no dead latents), and the
-    L0 of the batch. "relu" / "jumprelu" are timed at L0 = k, "relu fresh" / "jumprelu fresh" at
+    """nanoSAE's step, as train.py takes it (AuxK aside: a fresh SAE has no dead latents), and a
+    function that gives the batch's L0 and whether sae.py took its sparse path. "relu" / "jumprelu" are timed at L0 = k, "relu fresh" / "jumprelu fresh" at
     a fresh SAE's L0."""
     act_fn, fresh = act_fn.split()[0], act_fn.endswith("fresh")
     sae = SAE(a.d, m, act_fn, a.k, device=a.device)
@@ -129,10 +129,11 @@ def sae_step(a, act_fn: str, m: int, x, autocast):
         return mse + 5e-3 * sae.sparsity_loss(code, penalty) if penalty else mse
 
     @torch.no_grad()
-    def l0():                                   # after the timing: not part of the step
+    def l0_and_path():                          # after the timing: not part of the step
         with autocast:
-            return sae(x)[1].nnz_per_token(len(x)).float().mean().item()
-    return adam_step(sae.parameters(), loss_fn, autocast, fused=True), l0
+            code = sae(x)[1]
+        return code.nnz_per_token(len(x)).float().mean().item(), code.f_BM is None
+    return adam_step(sae.parameters(), loss_fn, autocast, fused=True), l0_and_path
 
 
 def dense_step(a, m: int, x, autocast):
@@ -170,16 +171,13 @@ def bench_sae(a, roof: dict) -> dict:
             autocast = torch.autocast(torch.device(a.device).type, dtype=dt, enabled=name != "fp32")
             for act_fn in ("dense",) + ACT_FNS + FRESH:        # dense first: the others' reference
                 torch.manual_seed(0)
-                step, l0 = (dense_step(a, m, x, autocast), lambda: a.k) if act_fn == "dense" else \
-                    sae_step(a, act_fn, m, x, autocast)
+                step, l0_and_path = (dense_step(a, m, x, autocast), lambda: (a.k, False)) \
+                    if act_fn == "dense" else sae_step(a, act_fn, m, x, autocast)
                 t = timeit(step, a.device, *a.reps)
-                l0 = l0()
+                l0, sparse = l0_and_path()
                 del step                                       # free the weights and Adam state
                 t_dense = t if act_fn == "dense" else t_dense
                 ratios[act_fn, e, name] = t_dense / t          # = tokens/s ratio, nanoSAE/dense
-                # the path sae.py took: sparse for topk / batchtopk, and for relu / jumprelu at a low L0
-                below = SPARSE_BELOW.get((torch.device(a.device).type, dt), 0)
-                sparse = act_fn != "dense" and l0 <= below * m
                 gflops = step_flops(a.batch, a.d, m, l0 if sparse else None) / t / 1e9
                 rows.append(["dense topk (ref)" if act_fn == "dense" else act_fn, e, name, f"{l0:.0f}",
                              f"{a.batch / t:,.0f}", gflops, f"{gflops / roof[m, name]:.0%}",

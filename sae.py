@@ -202,7 +202,8 @@ class SAE(nn.Module):
             h_BM = torch.addmm(bias_M, x_BD, self.W_enc)
             theta_M, eps = self.log_threshold.exp(), self.jumprelu_threshold_window
             with torch.no_grad():   # pairs that can get a gradient: h > 0, or c in JumpReLU's window
-                lo_M = ((theta_M - eps / 2) / n_M).clamp(min=0) if self.act_fn == "jumprelu" else 0 * n_M
+                lo_M = ((theta_M - eps / 2) / n_M).clamp(min=0) if self.act_fn == "jumprelu" \
+                    else torch.zeros_like(n_M)
                 live_BM = h_BM > lo_M.to(h_BM.dtype)
             share = SPARSE_BELOW.get((h_BM.device.type, h_BM.dtype), 0)
             if torch.count_nonzero(live_BM) > share * B * M:        # (a .sum() of bools: 10x slower)
@@ -235,7 +236,7 @@ class SAE(nn.Module):
             return SparseEncode.apply(x_BD, self.W_enc, bias_M, c_BM[rows, cols] / n_M[cols], rows, cols)
         vals = F.relu(h_at(rows, cols))        # f = relu(c) / n = relu(h)
         if self.act_fn == "batchtopk" and self.training and (vals > 0).any():
-            self.update_threshold_((vals * n_M[cols])[vals > 0].min().detach())
+            self.update_threshold_(c_BM[rows, cols][vals > 0].min())
         return Code(None, vals, rows, cols, c_BM, n_M, pre_is_c=True, select=h_at)
 
     def decode(self, code: Code, B: int) -> torch.Tensor:
