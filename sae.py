@@ -96,30 +96,65 @@ class JumpReLU(torch.autograd.Function):
         return g * on, None, g_window.float() * (-theta / ctx.eps) / n, None
 
 
+def sum_per_latent(x_BD: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                   M: int) -> torch.Tensor:
+    """(M, d): row c is the sum of w_j * x[rows_j] over the pairs j with cols_j = c, the weight
+    gradient of a sparse encode or decode. Sorted by latent, the pairs make it one forward
+    embedding_bag with a bag per latent; the backward of an embedding_bag over the tokens, which
+    autograd would use, fills a zero (M, d) matrix and scatters into it. (topk step, d=768, fp32,
+    batch 4096, 2 CPU cores, interleaved A/B: 1.17x faster at 8x and 32x with the encoder's
+    gradient done this way, and another 1.10x at 32x with the decoder's, within noise at 8x.)"""
+    order = torch.argsort(cols)
+    starts = torch.searchsorted(cols[order], torch.arange(M, device=cols.device))
+    return F.embedding_bag(rows[order], x_BD, starts, mode="sum", per_sample_weights=w[order].to(x_BD.dtype))
+
+
 class SparseEncode(torch.autograd.Function):
-    """h_j = h[rows_j, cols_j] for selected (token, latent) pairs, h = x W_enc + bias, given those
-    values computed without autograd; the backward touches only the selected latents: W_enc's
-    gradient is a scatter of one row of x per pair (the backward of an embedding_bag) instead of
-    a dense (d, B) x (B, m) matmul. Idea from EleutherAI's sparsify."""
+    """h_j = h[rows_j, cols_j] for selected (token, latent) pairs, h = (x - b_dec) W_enc + b_enc
+    (b_dec None for a transcoder), given those values computed without autograd. The backward
+    touches only the selected latents (idea from EleutherAI's sparsify): W_enc's gradient is a
+    row of x per pair, summed per latent, instead of a dense (d, B) x (B, m) matmul."""
 
     @staticmethod
-    def forward(ctx, x_BD, W_enc, bias_M, h_sel, rows, cols):
-        offsets = torch.searchsorted(rows, torch.arange(len(x_BD), device=rows.device))
-        ctx.save_for_backward(x_BD, W_enc, cols, offsets)
-        ctx.M, ctx.bias_dtype = len(bias_M), bias_M.dtype
+    def forward(ctx, x_BD, W_enc, b_enc, b_dec, h_sel, rows, cols):
+        ctx.save_for_backward(x_BD, W_enc, b_dec, rows, cols)
         return h_sel.clone()
 
     @staticmethod
     def backward(ctx, g):
-        x_BD, W_enc, cols, offsets = ctx.saved_tensors
-        g_bias = g.new_zeros(ctx.M, dtype=torch.float32).index_add_(0, cols, g.float())
-        with torch.enable_grad():    # W_enc.grad[:, c] = sum of g * x[row] over pairs with col c
-            w = torch.zeros(ctx.M, x_BD.shape[1], dtype=x_BD.dtype, device=x_BD.device, requires_grad=True)
-            bag = F.embedding_bag(cols, w, offsets, mode="sum", per_sample_weights=g.to(x_BD.dtype))
-            g_W, = torch.autograd.grad(bag, w, x_BD)
-        g_x = F.embedding_bag(cols, W_enc.T, offsets, mode="sum", per_sample_weights=g.to(W_enc.dtype)) \
-            if ctx.needs_input_grad[0] else None
-        return g_x, g_W.T.to(W_enc.dtype), g_bias.to(ctx.bias_dtype), None, None, None
+        x_BD, W_enc, b_dec, rows, cols = ctx.saved_tensors
+        M = W_enc.shape[1]
+        g_b_enc = g.new_zeros(M, dtype=torch.float32).index_add_(0, cols, g.float())
+        # The b_dec term rides along in x - b_dec, and b_dec's own gradient is -W_enc g_b_enc,
+        # a matvec: no (d, m) outer product and sum of two (d, m) gradients as autograd would do.
+        xc_BD = x_BD if b_dec is None else x_BD - b_dec.to(x_BD.dtype)
+        g_W = sum_per_latent(xc_BD, g, rows, cols, M).T
+        g_b_dec = None if b_dec is None else -(W_enc @ g_b_enc.to(W_enc.dtype))
+        g_x = None
+        if ctx.needs_input_grad[0]:             # dL/dx[b] = sum over b's pairs of g_j W_enc[:, c_j]
+            offsets = torch.searchsorted(rows, torch.arange(len(x_BD), device=rows.device))
+            g_x = F.embedding_bag(cols, W_enc.T, offsets, mode="sum", per_sample_weights=g.to(W_enc.dtype))
+        return g_x, g_W.to(W_enc.dtype), g_b_enc.to(W_enc.dtype), g_b_dec, None, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """y_BD[b] = sum over token b's pairs of vals_j W_dec[cols_j] (rows sorted): k decoder rows
+    per token instead of a dense (B, m) x (m, d) matmul."""
+
+    @staticmethod
+    def forward(ctx, vals, W_dec, rows, cols, B):
+        offsets = torch.searchsorted(rows, torch.arange(B, device=rows.device))
+        ctx.save_for_backward(vals, W_dec, rows, cols, offsets)
+        return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals.to(W_dec.dtype))
+
+    @staticmethod
+    def backward(ctx, g_BD):
+        vals, W_dec, rows, cols, offsets = ctx.saved_tensors
+        g_W = sum_per_latent(g_BD, vals, rows, cols, len(W_dec))
+        # dL/dvals_j = g[rows_j] . W_dec[cols_j]: the kernel embedding_bag's own backward uses
+        # (mode 0 = sum; rows is each pair's bag).
+        g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(g_BD, W_dec, cols, offsets, rows, 0)
+        return g_vals.to(vals.dtype), g_W.to(W_dec.dtype), None, None, None
 
 
 def largest_pairs(c_BM: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +226,8 @@ class SAE(nn.Module):
         n_M = self.W_dec.norm(dim=1)
         # (x - b_dec) W_enc + b_enc == x W_enc + (b_enc - b_dec W_enc): the same math, but autograd
         # no longer needs a (B, d) x (d, m) matmul in the backward just for b_dec's gradient.
-        bias_M = self.b_enc if self.transcoder else self.b_enc - self.b_dec @ self.W_enc
+        b_dec = None if self.transcoder else self.b_dec
+        bias_M = self.b_enc if b_dec is None else self.b_enc - b_dec @ self.W_enc
         B, M = len(x_BD), self.d_sae
 
         # relu, jumprelu: since n > 0, relu(h n) / n = relu(h) and JumpReLU's H(h n - theta) =
@@ -213,7 +249,8 @@ class SAE(nn.Module):
             # (exact; at L0 = 64 jumprelu's step 0.80x -> 2.2x and relu's 1.1x -> 2.6x the dense
             # TopK reference, fp32, d=768, 8x, batch 4096, 2 CPU cores).
             rows, cols = live_BM.nonzero(as_tuple=True)
-            h_sel = SparseEncode.apply(x_BD, self.W_enc, bias_M, h_BM.detach()[rows, cols], rows, cols)
+            h_sel = SparseEncode.apply(x_BD, self.W_enc, self.b_enc, b_dec, h_BM.detach()[rows, cols],
+                                       rows, cols)
             vals = F.relu(h_sel) if self.act_fn == "relu" else \
                 JumpReLU.apply(h_sel, n_M[cols], theta_M[cols], eps)
             return Code(None, vals, rows, cols, h_BM, n_M)
@@ -233,7 +270,8 @@ class SAE(nn.Module):
             rows, cols = largest_pairs(c_BM, k * B)
 
         def h_at(rows, cols):                  # h = c / n at these pairs, with SparseEncode's gradient
-            return SparseEncode.apply(x_BD, self.W_enc, bias_M, c_BM[rows, cols] / n_M[cols], rows, cols)
+            return SparseEncode.apply(x_BD, self.W_enc, self.b_enc, b_dec, c_BM[rows, cols] / n_M[cols],
+                                      rows, cols)
         vals = F.relu(h_at(rows, cols))        # f = relu(c) / n = relu(h)
         if self.act_fn == "batchtopk" and self.training and (vals > 0).any():
             self.update_threshold_(c_BM[rows, cols][vals > 0].min())
@@ -243,10 +281,7 @@ class SAE(nn.Module):
         if code.f_BM is not None:
             return code.f_BM @ self.W_dec + self.b_dec
         # Sparse decode: sum of k decoder rows per token costs k*d instead of m*d.
-        offsets = torch.searchsorted(code.rows, torch.arange(B, device=code.rows.device))
-        y_BD = F.embedding_bag(code.cols, self.W_dec, offsets, mode="sum",
-                               per_sample_weights=code.vals.to(self.W_dec.dtype))
-        return y_BD + self.b_dec
+        return SparseDecode.apply(code.vals, self.W_dec, code.rows, code.cols, B) + self.b_dec
 
     def forward(self, x_BD: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, Code]:
         code = self.encode(x_BD, k)
@@ -295,8 +330,7 @@ class SAE(nn.Module):
         cols = dead_idx[c_dead.topk(k_aux, dim=-1, sorted=False).indices].flatten()
         rows = torch.arange(B, device=cols.device).repeat_interleave(k_aux)
         vals = F.relu(code.select(rows, cols))                 # f = relu(c) / n = relu(h)
-        e_hat = F.embedding_bag(cols.view(B, k_aux), self.W_dec, mode="sum",
-                                per_sample_weights=vals.view(B, k_aux).to(self.W_dec.dtype))
+        e_hat = SparseDecode.apply(vals, self.W_dec, rows, cols, B)
         return (resid_BD.detach() - e_hat).pow(2).sum(-1).mean()
 
     # ---------------------------------------------------------------------------------------
