@@ -40,13 +40,12 @@ ACT_FNS = ("relu", "jumprelu", "topk", "batchtopk")
 FRESH = ("relu fresh", "jumprelu fresh")        # at a fresh SAE's L0 (~m/2): sae.py's dense path
 
 
-def timeit(fn, device: str, warmup: int, repeats: int, other=None):
-    """Median seconds of fn() over `repeats` calls after `warmup` untimed ones (CUDA kernels are
-    asynchronous: synchronize before reading the clock). With `other`, the two alternate call by
-    call and both medians come back: a ratio of two slow forwards taken one after the other
-    drifts with whatever else the machine does, an interleaved one does not."""
+def timeit(fns: list, device: str, warmup: int, repeats: int) -> list[float]:
+    """Median seconds of each fn() over `repeats` calls after `warmup` untimed ones (CUDA kernels
+    are asynchronous: synchronize before reading the clock). The fns take turns call by call: a
+    ratio of two slow steps timed one after the other drifts with whatever else the machine does
+    meanwhile, one of steps that alternate does not."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    fns = [fn] if other is None else [fn, other]
     for _ in range(warmup):
         for f in fns:
             f()
@@ -58,8 +57,7 @@ def timeit(fn, device: str, warmup: int, repeats: int, other=None):
             f()
             sync()
             ts.append(time.perf_counter() - t)
-    medians = [statistics.median(ts) for ts in times]
-    return medians[0] if other is None else medians
+    return [statistics.median(ts) for ts in times]
 
 
 def table(header: list[str], rows: list[list]):
@@ -80,7 +78,7 @@ def bench_matmul(a) -> dict:
     for m in (e * a.d for e in a.expansions):
         for name, dt in DTYPES.items():
             x, W = (torch.randn(*shape, dtype=dt, device=a.device) for shape in ((a.batch, a.d), (a.d, m)))
-            roof[m, name] = 2 * a.batch * a.d * m / timeit(lambda: x @ W, a.device, *a.reps) / 1e9
+            roof[m, name] = 2 * a.batch * a.d * m / timeit([lambda: x @ W], a.device, *a.reps)[0] / 1e9
         rows.append([f"({a.batch}, {a.d}) @ ({a.d}, {m})", roof[m, "fp32"], roof[m, "bf16"],
                      f"{roof[m, 'bf16'] / roof[m, 'fp32']:.2f}x"])
     table(["shape", "fp32 GFLOP/s", "bf16 GFLOP/s", "bf16/fp32"], rows)
@@ -162,9 +160,6 @@ def step_flops(B: int, d: int, m: int, l0: float | None) -> float:
 
 
 def bench_sae(a, roof: dict) -> dict:
-    """Each nanoSAE step alternates call by call with the dense reference step (timeit's `other`),
-    so that each ratio compares two steps taken under the same load; the reference's row is the
-    median of its medians."""
     ratios, rows = {}, []
     x = torch.randn(a.batch, a.d, device=a.device)
     for e in a.expansions:
@@ -172,22 +167,22 @@ def bench_sae(a, roof: dict) -> dict:
         for name, dt in DTYPES.items():
             autocast = torch.autocast(torch.device(a.device).type, dtype=dt, enabled=name != "fp32")
             torch.manual_seed(0)
-            dense, t_ref, found = dense_step(a, m, x, autocast), [], []
+            steps, l0_and_path = [dense_step(a, m, x, autocast)], [lambda: (a.k, False)]
             for act_fn in ACT_FNS + FRESH:
                 torch.manual_seed(0)
-                step, l0_and_path = sae_step(a, act_fn, m, x, autocast)
-                t, t_dense = timeit(step, a.device, *a.reps, other=dense)
-                l0, sparse = l0_and_path()
-                del step                                       # free the weights and Adam state
-                t_ref.append(t_dense)
-                ratios[act_fn, e, name] = t_dense / t          # = tokens/s ratio, nanoSAE/dense
-                found.append([act_fn, l0, sparse, t])
-            del dense
-            for act_fn, l0, sparse, t in [["dense topk (ref)", a.k, False, statistics.median(t_ref)]] + found:
+                step, l0_path = sae_step(a, act_fn, m, x, autocast)
+                steps.append(step)
+                l0_and_path.append(l0_path)
+            # All of them take turns, the dense reference included: each ratio compares medians
+            # taken over the same stretch of time.
+            times = timeit(steps, a.device, *a.reps)
+            for act_fn, t, l0_path in zip(("dense topk (ref)",) + ACT_FNS + FRESH, times, l0_and_path):
+                l0, sparse = l0_path()
+                ratios[act_fn, e, name] = times[0] / t           # = tokens/s ratio, nanoSAE/dense
                 gflops = step_flops(a.batch, a.d, m, l0 if sparse else None) / t / 1e9
-                ratio = ratios.get((act_fn, e, name), 1.0)
                 rows.append([act_fn, e, name, f"{l0:.0f}", f"{a.batch / t:,.0f}", gflops,
-                             f"{gflops / roof[m, name]:.0%}", f"{ratio:.2f}x"])
+                             f"{gflops / roof[m, name]:.0%}", f"{ratios[act_fn, e, name]:.2f}x"])
+            del steps, l0_and_path                               # free the weights and Adam states
     table(["step", "expansion", "dtype", "L0", "tokens/s", "GFLOP/s", "of roof", "vs dense"], rows)
     return ratios
 
@@ -207,8 +202,8 @@ def bench_lm(a) -> dict:
         raw.model.layers = raw.model.layers[:acts.hook_layer(HOOK) + 1]   # blocks 0..15, as stop_at_layer
         tokens_BT = torch.stack([c for _, c in batch]).to(a.device)
         with torch.no_grad():
-            t_bridge, t_raw = timeit(lambda: list(acts.iter_activations(bridge, iter(batch), HOOK, HOOK, drop, n, a.device)),
-                                     a.device, *a.lm_reps, other=lambda: raw.model(tokens_BT))
+            t_bridge, t_raw = timeit([lambda: list(acts.iter_activations(bridge, iter(batch), HOOK, HOOK, drop, n, a.device)),
+                                      lambda: raw.model(tokens_BT)], a.device, *a.lm_reps)
         # Both rates count every position of the contexts (the bridge's output drops BOS, 1 in 256).
         ratios[name] = t_raw / t_bridge
         rows.append([name, f"{n * 256 / t_bridge:,.0f}", f"{n * 256 / t_raw:,.0f}", f"{ratios[name]:.2f}x"])
