@@ -379,3 +379,38 @@ def test_sparse_fast_path_matches_dense_reference_forward_and_backward(act_fn):
     for name, g in g_fast.items():
         assert torch.allclose(g, sae.get_parameter(name).grad, atol=1e-5), name
     assert set(g_fast) == {"W_enc", "W_dec", "b_enc", "b_dec"}
+
+
+@pytest.mark.parametrize("act_fn", ["topk", "relu"])
+def test_transcoder_sparse_backward_matches_straightforward(act_fn, monkeypatch):
+    """A transcoder's encoder has no b_dec term (SparseEncode gets no b_dec). Its sparse path, with
+    x requiring a gradient too, must match plain autograd on the README's formulas."""
+    monkeypatch.setitem(sae_module.SPARSE_BELOW, ("cpu", torch.float32), 1.1)   # relu: sparse
+    torch.manual_seed(0)
+    sae = SAE(16, 64, act_fn, 4, d_out=24, transcoder=True)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    x, y = torch.randn(32, 16, requires_grad=True), torch.randn(32, 24)
+    wrt = (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, x)
+
+    def grads(y_hat):
+        for p in wrt:
+            p.grad = None
+        (y_hat - y).pow(2).sum(-1).mean().backward()
+        return [p.grad.clone() for p in wrt]
+
+    y_fast, code = sae(x)
+    assert code.f_BM is None
+    g_fast = grads(y_fast)
+    n = sae.W_dec.norm(dim=1)
+    c = (x @ sae.W_enc + sae.b_enc) * n
+    a = torch.relu(c)
+    if act_fn == "topk":
+        a = a * torch.zeros_like(a, dtype=torch.bool).scatter(1, c.topk(4, dim=-1).indices, True)
+    y_ref = (a / n) @ sae.W_dec + sae.b_dec
+    g_ref = grads(y_ref)
+    assert torch.allclose(y_fast, y_ref, atol=1e-5)
+    for name, gf, gr in zip(("W_enc", "W_dec", "b_enc", "b_dec", "x"), g_fast, g_ref):
+        assert torch.allclose(gf, gr, atol=1e-5), name
+    assert g_fast[-1].abs().sum() > 0
