@@ -103,7 +103,11 @@ def sum_per_latent(x_BD: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, cols
     embedding_bag with a bag per latent; the backward of an embedding_bag over the tokens, which
     autograd would use, fills a zero (M, d) matrix and scatters into it. (topk step, d=768, fp32,
     batch 4096, 2 CPU cores, interleaved A/B: 1.17x faster at 8x and 32x with the encoder's
-    gradient done this way, and another 1.10x at 32x with the decoder's, within noise at 8x.)"""
+    gradient done this way, and another 1.10x at 32x with the decoder's, within noise at 8x.)
+    Pairs with w = 0 add nothing and are left out: JumpReLU's pairs in the window below the
+    threshold have f = 0 and dL/dh = 0, and can be most of the pairs midway through training."""
+    keep = w != 0
+    w, rows, cols = w[keep], rows[keep], cols[keep]
     order = torch.argsort(cols)
     starts = torch.searchsorted(cols[order], torch.arange(M, device=cols.device))
     return F.embedding_bag(rows[order], x_BD, starts, mode="sum", per_sample_weights=w[order].to(x_BD.dtype))
@@ -139,20 +143,23 @@ class SparseEncode(torch.autograd.Function):
 
 class SparseDecode(torch.autograd.Function):
     """y_BD[b] = sum over token b's pairs of vals_j W_dec[cols_j] (rows sorted): k decoder rows
-    per token instead of a dense (B, m) x (m, d) matmul."""
+    per token instead of a dense (B, m) x (m, d) matmul. Pairs with vals = 0 (JumpReLU's window
+    below the threshold) add nothing forward but still get dL/dvals, which the threshold needs."""
 
     @staticmethod
     def forward(ctx, vals, W_dec, rows, cols, B):
-        offsets = torch.searchsorted(rows, torch.arange(B, device=rows.device))
-        ctx.save_for_backward(vals, W_dec, rows, cols, offsets)
-        return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals.to(W_dec.dtype))
+        ctx.save_for_backward(vals, W_dec, rows, cols)
+        on = vals != 0
+        offsets = torch.searchsorted(rows[on], torch.arange(B, device=rows.device))
+        return F.embedding_bag(cols[on], W_dec, offsets, mode="sum", per_sample_weights=vals[on].to(W_dec.dtype))
 
     @staticmethod
     def backward(ctx, g_BD):
-        vals, W_dec, rows, cols, offsets = ctx.saved_tensors
+        vals, W_dec, rows, cols = ctx.saved_tensors
         g_W = sum_per_latent(g_BD, vals, rows, cols, len(W_dec))
         # dL/dvals_j = g[rows_j] . W_dec[cols_j]: the kernel embedding_bag's own backward uses
         # (mode 0 = sum; rows is each pair's bag).
+        offsets = torch.searchsorted(rows, torch.arange(len(g_BD), device=rows.device))
         g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(g_BD, W_dec, cols, offsets, rows, 0)
         return g_vals.to(vals.dtype), g_W.to(W_dec.dtype), None, None, None
 
@@ -178,12 +185,13 @@ def largest_pairs(c_BM: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 # relu / jumprelu switch to the sparse code (and SparseEncode's backward) when at most this share
-# of (token, latent) pairs can get a gradient; above it the dense matmuls are faster: jumprelu
-# step crossover ~9% in fp32 and ~4% under bf16 autocast (whose matmuls are 3x faster) on 2 CPU
-# cores at d=576, 8x, batch 1024 (train.py's default) and d=768, 8x, batch 4096. CPU only: on a
-# GPU the dense bf16 matmuls beat the sparse kernels even at k/m = 1% (H200: topk's sparse step
-# 0.43x a dense bf16 TopK step).
-SPARSE_BELOW = {("cpu", torch.float32): 0.08, ("cpu", torch.bfloat16): 0.035}
+# of (token, latent) pairs fire, counting a pair in JumpReLU's window below the threshold as half
+# of one; above it the dense matmuls are faster. Crossover of the jumprelu step on 2 CPU cores,
+# d=576, 8x, batch 1024 (train.py's default): ~7% in fp32 and ~2.5% under bf16 autocast (whose
+# matmuls are 3x faster); ~9% and ~4.5% at d=768, batch 4096. CPU only: on a GPU the dense bf16
+# matmuls beat the sparse kernels even at k/m = 1% (H200: topk's sparse step 0.43x a dense bf16
+# TopK step).
+SPARSE_BELOW = {("cpu", torch.float32): 0.07, ("cpu", torch.bfloat16): 0.03}
 
 
 class SAE(nn.Module):
@@ -238,18 +246,26 @@ class SAE(nn.Module):
         if self.act_fn in ("relu", "jumprelu"):
             h_BM = torch.addmm(bias_M, x_BD, self.W_enc)
             theta_M, eps = self.log_threshold.exp(), self.jumprelu_threshold_window
+            jump = self.act_fn == "jumprelu"
             with torch.no_grad():   # pairs that can get a gradient: h > 0, or c in JumpReLU's window
-                lo_M = ((theta_M - eps / 2) / n_M).clamp(min=0) if self.act_fn == "jumprelu" \
-                    else torch.zeros_like(n_M)
-                live_BM = h_BM > lo_M.to(h_BM.dtype)
+                lo_M = ((theta_M - eps / 2) / n_M).clamp(min=0) if jump else torch.zeros_like(n_M)
+                on_M = theta_M / n_M if jump else lo_M                       # and those that fire
             share = SPARSE_BELOW.get((h_BM.device.type, h_BM.dtype), 0)
-            if torch.count_nonzero(live_BM) > share * B * M:        # (a .sum() of bools: 10x slower)
+            if share > 0:           # which path is faster, judged from every 61st pair
+                with torch.no_grad():
+                    h_s = h_BM.view(-1)[::61]
+                    j = torch.arange(0, B * M, 61, device=h_BM.device) % M         # their latents
+                    lo_s, on_s = lo_M[j].to(h_s.dtype), on_M[j].to(h_s.dtype)
+                    # the sparse path pays about half as much for a pair in the window below the
+                    # threshold (f = 0: only dL/df, for the threshold's gradient) as for one that fires
+                    cost = ((h_s > lo_s).sum() + (h_s > on_s).sum()).item() / (2 * len(h_s))
+            if share == 0 or cost > share:
                 f_BM = F.relu(h_BM) if self.act_fn == "relu" else JumpReLU.apply(h_BM, n_M, theta_M, eps)
                 return Code(f_BM, None, None, None, h_BM, n_M)
             # Once trained, ~k latents per token fire: the same sparse code and backward as topk
             # (exact; at L0 = 64 jumprelu's step 0.80x -> 2.2x and relu's 1.1x -> 2.6x the dense
             # TopK reference, fp32, d=768, 8x, batch 4096, 2 CPU cores).
-            rows, cols = live_BM.nonzero(as_tuple=True)
+            rows, cols = (h_BM.detach() > lo_M.to(h_BM.dtype)).nonzero(as_tuple=True)
             h_sel = SparseEncode.apply(x_BD, self.W_enc, self.b_enc, b_dec, h_BM.detach()[rows, cols],
                                        rows, cols)
             vals = F.relu(h_sel) if self.act_fn == "relu" else \
