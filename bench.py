@@ -1,7 +1,7 @@
 """Benchmarks of nanoSAE: one table per section, every time the median of several repeats after
 warmup, with the ratios that matter, and a compact summary of them at the end.
 
-    python bench.py                      # everything (cuda if present, else cpu: ~6 min on 2 cores)
+    python bench.py                      # everything (cuda if present, else cpu: ~5 min on 2 cores)
     python bench.py --quick              # small shapes, few repeats: checks that it all runs (1-3 min)
     python bench.py --device cpu --sections matmul,sae
 
