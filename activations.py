@@ -315,9 +315,10 @@ def read_manifest(folder: str, expect: dict) -> dict:
 
 def iter_cache(folder: str, manifest: dict, seed: int, rank: int = 0, world_size: int = 1,
                start: int = 0, group: int = 4):
-    """Yield (index, (N, d_in + d_out) chunk) from a cache, forever: each pass visits the shards in a
-    fresh random order, `group` of them read together and shuffled into one chunk, so tokens mix
-    across shards before the mixing buffer. Chunk i belongs to rank i % world_size."""
+    """Yield (index, chunk) from a cache, forever: (N, d_in + d_out) rows, or (N, d_in) for an SAE
+    (its y is its x). Each pass visits the shards in a fresh random order, `group` of them read
+    together into one chunk, which the mixing buffer shuffles as a whole, so tokens mix across
+    shards. Chunk i belongs to rank i % world_size."""
     from safetensors.torch import load_file
     shards = manifest["shards"]
     per_pass = max(len(shards) // group, 1)
@@ -329,8 +330,7 @@ def iter_cache(folder: str, manifest: dict, seed: int, rank: int = 0, world_size
             order = torch.randperm(len(shards), generator=g).tolist()
             mine = order[j * group:(j + 1) * group if j < per_pass - 1 else None]   # last: the rest
             parts = [load_file(os.path.join(folder, shards[s]["file"])) for s in mine]
-            xy = torch.cat([torch.cat([t["x"], t.get("y", t["x"])], dim=1) for t in parts])
-            yield i, xy[torch.randperm(len(xy), generator=g)]
+            yield i, torch.cat([torch.cat([t["x"], t["y"]], dim=1) if "y" in t else t["x"] for t in parts])
         i += 1
 
 

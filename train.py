@@ -577,6 +577,9 @@ def main(cfg: Config) -> dict:
     data = ckpt["data"][rank] if ckpt else {"next_context": 0, "mix": {}}
     data.setdefault("outliers", 0)
 
+    # The stream's rows are [x, y], or x alone for an SAE (y = x): half the memory and copying.
+    sae_only = cfg.hook_out == cfg.hook_point_in
+
     def chunks():
         if cfg.activations:                    # next_context counts the cache's chunks here
             for i, xy in acts.iter_cache(cfg.activations, manifest, cfg.perm_seed, rank, world,
@@ -587,14 +590,14 @@ def main(cfg: Config) -> dict:
         for a in train_activations(cfg, model, drop_ids, device, rank, world, data["next_context"]):
             data["next_context"] = a["last"] + 1
             data["outliers"] += a["outliers"]
-            yield torch.cat([a["x"], a["y"]], dim=1)
+            yield a["x"] if sae_only else torch.cat([a["x"], a["y"]], dim=1)
 
     def stream():
         """Yields (x, y, data position after this batch); rank r's buffer is seeded perm_seed + r."""
         for xy in acts.mix(chunks(), cfg.buffer_size, B, cfg.perm_seed + rank,
                            cfg.generator_device or device, data["mix"]):
             xy = xy.to(getattr(torch, cfg.dtype))
-            yield xy[:, :d_in], xy[:, d_in:], {**data, "mix": dict(data["mix"])}
+            yield xy[:, :d_in], xy if sae_only else xy[:, d_in:], {**data, "mix": dict(data["mix"])}
     batches = stream()
 
     # --- the SAE: normalization and init from the first batch, or the checkpoint ---------------
