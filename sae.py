@@ -45,8 +45,7 @@ class Code(NamedTuple):
         return self.pre_BM if self.pre_is_c else self.pre_BM * self.n_M.to(self.pre_BM.dtype)
 
     def active(self) -> torch.Tensor:
-        """(B, m) 1.0 where a latent fired (f >= 0 always), as floats: summing a bool mask takes
-        twice as long on CPU. Dense code only."""
+        """(B, m) 1.0 where a latent fired (f >= 0), as floats: a bool mask sums 2x slower on CPU."""
         return torch.gt(self.f_BM, 0, out=torch.empty(self.f_BM.shape, device=self.f_BM.device))
 
     def nnz_per_token(self, B: int) -> torch.Tensor:
@@ -96,28 +95,22 @@ class JumpReLU(torch.autograd.Function):
         return g * on, None, g_window.float() * (-theta / ctx.eps) / n, None
 
 
-def sum_per_latent(x_BD: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                   M: int) -> torch.Tensor:
-    """(M, d): row c is the sum of w_j * x[rows_j] over the pairs j with cols_j = c, the weight
-    gradient of a sparse encode or decode. Sorted by latent, the pairs make it one forward
-    embedding_bag with a bag per latent; the backward of an embedding_bag over the tokens, which
-    autograd would use, fills a zero (M, d) matrix and scatters into it. (topk step, d=768, fp32,
-    batch 4096, 2 CPU cores, interleaved A/B: 1.17x faster at 8x and 32x with the encoder's
-    gradient done this way, and another 1.10x at 32x with the decoder's, within noise at 8x.)
-    Pairs with w = 0 add nothing and are left out: JumpReLU's pairs in the window below the
-    threshold have f = 0 and dL/dh = 0, and can be most of the pairs midway through training."""
-    keep = w != 0
-    w, rows, cols = w[keep], rows[keep], cols[keep]
-    order = torch.argsort(cols)
+def sum_per_latent(x_BD: torch.Tensor, w, rows, cols, M: int) -> torch.Tensor:
+    """(M, d): row c = sum of w_j x[rows_j] over the pairs j of latent c (cols_j = c), the weight
+    gradient of a sparse encode or decode, as one forward embedding_bag over the pairs sorted by
+    latent; autograd's embedding_bag backward fills and scatters into a zero (M, d) matrix (topk
+    step, d=768, fp32, batch 4096: 1.17x at 8x and 32x; 1.10x more at 32x for the decoder's).
+    Pairs with w = 0 add nothing: JumpReLU's window pairs below the threshold (f = 0, dL/dh = 0)."""
+    keep = (w != 0).nonzero().squeeze(1)
+    order = keep[torch.argsort(cols[keep])]
     starts = torch.searchsorted(cols[order], torch.arange(M, device=cols.device))
     return F.embedding_bag(rows[order], x_BD, starts, mode="sum", per_sample_weights=w[order].to(x_BD.dtype))
 
 
 class SparseEncode(torch.autograd.Function):
-    """h_j = h[rows_j, cols_j] for selected (token, latent) pairs, h = (x - b_dec) W_enc + b_enc
-    (b_dec None for a transcoder), given those values computed without autograd. The backward
-    touches only the selected latents (idea from EleutherAI's sparsify): W_enc's gradient is a
-    row of x per pair, summed per latent, instead of a dense (d, B) x (B, m) matmul."""
+    """h_j = h[rows_j, cols_j] at selected (token, latent) pairs, h = (x - b_dec) W_enc + b_enc (no
+    b_dec for a transcoder), from values computed without autograd. The backward touches only the
+    selected latents (as EleutherAI's sparsify), not a dense (d, B) x (B, m) matmul."""
 
     @staticmethod
     def forward(ctx, x_BD, W_enc, b_enc, b_dec, h_sel, rows, cols):
@@ -127,12 +120,10 @@ class SparseEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x_BD, W_enc, b_dec, rows, cols = ctx.saved_tensors
-        M = W_enc.shape[1]
-        g_b_enc = g.new_zeros(M, dtype=torch.float32).index_add_(0, cols, g.float())
-        # The b_dec term rides along in x - b_dec, and b_dec's own gradient is -W_enc g_b_enc,
-        # a matvec: no (d, m) outer product and sum of two (d, m) gradients as autograd would do.
+        g_b_enc = g.new_zeros(W_enc.shape[1], dtype=torch.float32).index_add_(0, cols, g.float())
+        # b_dec rides along in x - b_dec; its own gradient is a matvec (no (d, m) outer product)
         xc_BD = x_BD if b_dec is None else x_BD - b_dec.to(x_BD.dtype)
-        g_W = sum_per_latent(xc_BD, g, rows, cols, M).T
+        g_W = sum_per_latent(xc_BD, g, rows, cols, W_enc.shape[1]).T
         g_b_dec = None if b_dec is None else -(W_enc @ g_b_enc.to(W_enc.dtype))
         g_x = None
         if ctx.needs_input_grad[0]:             # dL/dx[b] = sum over b's pairs of g_j W_enc[:, c_j]
@@ -151,16 +142,17 @@ class SparseDecode(torch.autograd.Function):
         ctx.save_for_backward(vals, W_dec, rows, cols)
         on = vals != 0
         offsets = torch.searchsorted(rows[on], torch.arange(B, device=rows.device))
-        return F.embedding_bag(cols[on], W_dec, offsets, mode="sum", per_sample_weights=vals[on].to(W_dec.dtype))
+        return F.embedding_bag(cols[on], W_dec, offsets, mode="sum",
+                               per_sample_weights=vals[on].to(W_dec.dtype))
 
     @staticmethod
     def backward(ctx, g_BD):
         vals, W_dec, rows, cols = ctx.saved_tensors
         g_W = sum_per_latent(g_BD, vals, rows, cols, len(W_dec))
-        # dL/dvals_j = g[rows_j] . W_dec[cols_j]: the kernel embedding_bag's own backward uses
-        # (mode 0 = sum; rows is each pair's bag).
+        # dL/dvals_j = g[rows_j] . W_dec[cols_j], embedding_bag's own kernel (mode 0 = sum, rows = bags)
         offsets = torch.searchsorted(rows, torch.arange(len(g_BD), device=rows.device))
-        g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(g_BD, W_dec, cols, offsets, rows, 0)
+        g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            g_BD, W_dec, cols, offsets, rows, 0)
         return g_vals.to(vals.dtype), g_W.to(W_dec.dtype), None, None, None
 
 
@@ -184,13 +176,11 @@ def largest_pairs(c_BM: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
     return rows[keep], cols[keep]
 
 
-# relu / jumprelu switch to the sparse code (and SparseEncode's backward) when at most this share
-# of (token, latent) pairs fire, counting a pair in JumpReLU's window below the threshold as half
-# of one; above it the dense matmuls are faster. Crossover of the jumprelu step on 2 CPU cores,
-# d=576, 8x, batch 1024 (train.py's default): ~7% in fp32 and ~2.5% under bf16 autocast (whose
-# matmuls are 3x faster); ~9% and ~4.5% at d=768, batch 4096. CPU only: on a GPU the dense bf16
-# matmuls beat the sparse kernels even at k/m = 1% (H200: topk's sparse step 0.43x a dense bf16
-# TopK step).
+# relu / jumprelu take the sparse code (and SparseEncode's backward) when at most this share of
+# (token, latent) pairs fire, a window pair below JumpReLU's threshold counting half; above it the
+# dense matmuls win. Measured crossover on 2 CPU cores: ~7% fp32, ~2.5% bf16 autocast at d=576, 8x,
+# batch 1024; ~9% and ~4.5% at d=768, batch 4096. CPU only: on a GPU the dense bf16 matmuls win
+# even at k/m = 1% (H200: topk's sparse step 0.43x a dense bf16 TopK step).
 SPARSE_BELOW = {("cpu", torch.float32): 0.07, ("cpu", torch.bfloat16): 0.03}
 
 
@@ -250,21 +240,16 @@ class SAE(nn.Module):
             with torch.no_grad():   # pairs that can get a gradient: h > 0, or c in JumpReLU's window
                 lo_M = ((theta_M - eps / 2) / n_M).clamp(min=0) if jump else torch.zeros_like(n_M)
                 on_M = theta_M / n_M if jump else lo_M                       # and those that fire
-            share = SPARSE_BELOW.get((h_BM.device.type, h_BM.dtype), 0)
-            if share > 0:           # which path is faster, judged from every 61st pair
-                with torch.no_grad():
-                    h_s = h_BM.view(-1)[::61]
-                    j = torch.arange(0, B * M, 61, device=h_BM.device) % M         # their latents
-                    lo_s, on_s = lo_M[j].to(h_s.dtype), on_M[j].to(h_s.dtype)
-                    # the sparse path pays about half as much for a pair in the window below the
-                    # threshold (f = 0: only dL/df, for the threshold's gradient) as for one that fires
-                    cost = ((h_s > lo_s).sum() + (h_s > on_s).sum()).item() / (2 * len(h_s))
-            if share == 0 or cost > share:
+                # Which path is faster, judged from every 61st pair: the sparse one pays about half
+                # as much for a window pair below the threshold (f = 0, only dL/df) as for one that fires.
+                h_s, j = h_BM.view(-1)[::61], torch.arange(0, B * M, 61, device=h_BM.device) % M
+                cost = ((h_s > lo_M[j].to(h_s.dtype)).sum() + (h_s > on_M[j].to(h_s.dtype)).sum()) \
+                    / (2 * len(h_s))
+            if cost > SPARSE_BELOW.get((h_BM.device.type, h_BM.dtype), 0):
                 f_BM = F.relu(h_BM) if self.act_fn == "relu" else JumpReLU.apply(h_BM, n_M, theta_M, eps)
                 return Code(f_BM, None, None, None, h_BM, n_M)
-            # Once trained, ~k latents per token fire: the same sparse code and backward as topk
-            # (exact; at L0 = 64 jumprelu's step 0.80x -> 2.2x and relu's 1.1x -> 2.6x the dense
-            # TopK reference, fp32, d=768, 8x, batch 4096, 2 CPU cores).
+            # Once trained, ~k latents per token fire: the sparse code and backward of topk (exact; at
+            # L0 = 64, jumprelu 0.80x -> 2.2x and relu 1.1x -> 2.6x the dense reference, fp32, d=768, 8x).
             rows, cols = (h_BM.detach() > lo_M.to(h_BM.dtype)).nonzero(as_tuple=True)
             h_sel = SparseEncode.apply(x_BD, self.W_enc, self.b_enc, b_dec, h_BM.detach()[rows, cols],
                                        rows, cols)
@@ -297,7 +282,6 @@ class SAE(nn.Module):
     def decode(self, code: Code, B: int) -> torch.Tensor:
         if code.f_BM is not None:
             return code.f_BM @ self.W_dec + self.b_dec
-        # Sparse decode: sum of k decoder rows per token costs k*d instead of m*d.
         return SparseDecode.apply(code.vals, self.W_dec, code.rows, code.cols, B) + self.b_dec
 
     def forward(self, x_BD: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, Code]:
