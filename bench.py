@@ -104,8 +104,8 @@ def adam_step(params, loss_fn, autocast, fused: bool):
 
 def sae_step(a, act_fn: str, m: int, x, autocast):
     """nanoSAE's step, as train.py takes it (AuxK aside: a fresh SAE has no dead latents), and a
-    function that gives the batch's L0 and whether sae.py took its sparse path. "relu" / "jumprelu" are timed at L0 = k, "relu fresh" / "jumprelu fresh" at
-    a fresh SAE's L0."""
+    function that gives the batch's L0 and whether sae.py took its sparse path. "relu" and
+    "jumprelu" are timed at L0 = k, "relu fresh" and "jumprelu fresh" at a fresh SAE's L0."""
     act_fn, fresh = act_fn.split()[0], act_fn.endswith("fresh")
     sae = SAE(a.d, m, act_fn, a.k, device=a.device)
     penalty = {"relu": "l1", "jumprelu": "tanh"}.get(act_fn)       # train.py's default penalties
@@ -201,9 +201,11 @@ def bench_lm(a) -> dict:
                                                                 dtype=acts.DTYPES[dtype]).to(a.device).eval()
         raw.model.layers = raw.model.layers[:acts.hook_layer(HOOK) + 1]   # blocks 0..15, as stop_at_layer
         tokens_BT = torch.stack([c for _, c in batch]).to(a.device)
+
+        def bridge_fwd():
+            return list(acts.iter_activations(bridge, iter(batch), HOOK, HOOK, drop, n, a.device))
         with torch.no_grad():
-            t_bridge, t_raw = timeit([lambda: list(acts.iter_activations(bridge, iter(batch), HOOK, HOOK, drop, n, a.device)),
-                                      lambda: raw.model(tokens_BT)], a.device, *a.lm_reps)
+            t_bridge, t_raw = timeit([bridge_fwd, lambda: raw.model(tokens_BT)], a.device, *a.lm_reps)
         # Both rates count every position of the contexts (the bridge's output drops BOS, 1 in 256).
         ratios[name] = t_raw / t_bridge
         rows.append([name, f"{n * 256 / t_bridge:,.0f}", f"{n * 256 / t_raw:,.0f}", f"{ratios[name]:.2f}x"])

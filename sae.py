@@ -27,9 +27,8 @@ ActFn = Literal["relu", "jumprelu", "topk", "batchtopk"]
 
 
 class Code(NamedTuple):
-    """The code of a batch, dense or sparse. Dense: f_BM (B, m). Sparse: vals/rows/cols, token
-    rows[j] uses latent cols[j] with value vals[j] (rows sorted, so each token's latents are
-    together); topk and batchtopk always, relu and jumprelu once few latents fire."""
+    """The code of a batch. Dense: f_BM (B, m). Sparse (topk, batchtopk; relu, jumprelu once few
+    latents fire): token rows[j] uses latent cols[j] with value vals[j], rows sorted."""
     f_BM: torch.Tensor | None
     vals: torch.Tensor | None
     rows: torch.Tensor | None
@@ -45,7 +44,7 @@ class Code(NamedTuple):
         return self.pre_BM if self.pre_is_c else self.pre_BM * self.n_M.to(self.pre_BM.dtype)
 
     def active(self) -> torch.Tensor:
-        """(B, m) 1.0 where a latent fired (f >= 0), as floats: a bool mask sums 2x slower on CPU."""
+        """(B, m) 1.0 where a latent fired (f is never negative), as floats: bools sum 2x slower."""
         return torch.gt(self.f_BM, 0, out=torch.empty(self.f_BM.shape, device=self.f_BM.device))
 
     def nnz_per_token(self, B: int) -> torch.Tensor:
@@ -240,12 +239,13 @@ class SAE(nn.Module):
             with torch.no_grad():   # pairs that can get a gradient: h > 0, or c in JumpReLU's window
                 lo_M = ((theta_M - eps / 2) / n_M).clamp(min=0) if jump else torch.zeros_like(n_M)
                 on_M = theta_M / n_M if jump else lo_M                       # and those that fire
-                # Which path is faster, judged from every 61st pair: the sparse one pays about half
-                # as much for a window pair below the threshold (f = 0, only dL/df) as for one that fires.
-                h_s, j = h_BM.view(-1)[::61], torch.arange(0, B * M, 61, device=h_BM.device) % M
+            share = SPARSE_BELOW.get((h_BM.device.type, h_BM.dtype), 0)  # 0 (GPU): dense, no sync
+            if share:   # which path is faster, from every 61st pair: the sparse one pays about half
+                # as much for a window pair below the threshold (f = 0, only dL/df) as for one that fires
+                h_s, j = h_BM.detach().view(-1)[::61], torch.arange(0, B * M, 61, device=h_BM.device) % M
                 cost = ((h_s > lo_M[j].to(h_s.dtype)).sum() + (h_s > on_M[j].to(h_s.dtype)).sum()) \
                     / (2 * len(h_s))
-            if cost > SPARSE_BELOW.get((h_BM.device.type, h_BM.dtype), 0):
+            if not share or cost > share:
                 f_BM = F.relu(h_BM) if self.act_fn == "relu" else JumpReLU.apply(h_BM, n_M, theta_M, eps)
                 return Code(f_BM, None, None, None, h_BM, n_M)
             # Once trained, ~k latents per token fire: the sparse code and backward of topk (exact; at

@@ -604,7 +604,7 @@ def main(cfg: Config) -> dict:
     d_sae = cfg.expansion_factor * d_in
     if cfg.top_k >= d_sae:
         raise ValueError(f"--top-k {cfg.top_k} must be below d_sae = {d_sae}")
-    sae = SAE(d_in, d_sae, cfg.act_fn, cfg.top_k, d_out, cfg.hook_out != cfg.hook_point_in,
+    sae = SAE(d_in, d_sae, cfg.act_fn, cfg.top_k, d_out, not sae_only,
               cfg.jumprelu_threshold_window, cfg.jumprelu_init_threshold,
               dtype=getattr(torch, cfg.dtype), device=device)
     params = [p for n, p in sae.named_parameters() if n != "log_threshold"]
