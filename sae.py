@@ -27,8 +27,9 @@ ActFn = Literal["relu", "jumprelu", "topk", "batchtopk"]
 
 
 class Code(NamedTuple):
-    """The code of a batch. Dense: f_BM (B, m). Sparse (topk, batchtopk; relu, jumprelu once few
-    latents fire): token rows[j] uses latent cols[j] with value vals[j], rows sorted."""
+    """The code of a batch: f_BM (B, m) where it is dense (relu, jumprelu while many latents fire;
+    topk, batchtopk with no SPARSE_BELOW entry), else None and token rows[j] uses latent cols[j]
+    with value vals[j], rows sorted."""
     f_BM: torch.Tensor | None
     vals: torch.Tensor | None
     rows: torch.Tensor | None
@@ -36,7 +37,7 @@ class Code(NamedTuple):
     pre_BM: torch.Tensor  # relu/jumprelu: h = x W_enc + bias, with autograd; topk/batchtopk: c = h * n, without
     n_M: torch.Tensor     # decoder row norms
     pre_is_c: bool = False
-    select: object = None  # sparse: (rows, cols) -> h at those pairs, with gradient (SparseEncode)
+    select: object = None  # topk/batchtopk: (rows, cols) -> h at those pairs, with gradient
 
     @property
     def c_BM(self) -> torch.Tensor:
@@ -61,9 +62,8 @@ class Code(NamedTuple):
 
 
 class JumpReLU(torch.autograd.Function):
-    """f = a / n with a = c * H(c - theta), c = h * n: JumpReLU on the contribution, with a
-    straight-through estimator for theta (Rajamanoharan et al. 2024, "Jumping Ahead"): a
-    rectangle kernel of width eps around the threshold gives
+    """f = a / n with a = c * H(c - theta), c = h * n: JumpReLU on the contribution, with a straight-
+    through estimator for theta (Rajamanoharan et al. 2024, "Jumping Ahead"): a rectangle of width eps
     dL/dtheta_i = sum_batch dL/da * (-theta_i / eps) * 1[|c - theta_i| < eps/2 and c > 0],
     and dL/dh = dL/df * H(c - theta). Since n > 0, all of it can be written on h with per-latent
     bounds (H(c - theta) = H(h - theta/n)), so no (B, m) tensor of contributions is ever built
@@ -73,9 +73,8 @@ class JumpReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, n, theta, eps):
         n, theta = n.detach().float(), theta.detach()
-        # Masks as 1.0 / 0.0 in h's dtype, bounds cast to it too: a bool mask, or a bf16 h against
-        # fp32 bounds, makes each of these passes 2-8x slower on CPU (jumprelu step at L0 ~ m/2,
-        # d=768, 8x, 2 CPU cores: 1.08x faster in fp32, 1.28x under bf16 autocast).
+        # Masks as 1.0 / 0.0 in h's dtype, bounds cast to it: a bool mask, or a bf16 h against fp32
+        # bounds, makes each pass 2-8x slower on CPU (jumprelu step at L0 ~ m/2: 1.08x fp32, 1.28x bf16).
         on = torch.gt(h, (theta / n).to(h.dtype), out=torch.empty_like(h))
         ctx.save_for_backward(h, n, theta, on)
         ctx.eps = eps
@@ -96,10 +95,9 @@ class JumpReLU(torch.autograd.Function):
 
 def sum_per_latent(x_BD: torch.Tensor, w, rows, cols, M: int) -> torch.Tensor:
     """(M, d): row c = sum of w_j x[rows_j] over the pairs j of latent c (cols_j = c), the weight
-    gradient of a sparse encode or decode, as one forward embedding_bag over the pairs sorted by
-    latent; autograd's embedding_bag backward fills and scatters into a zero (M, d) matrix (topk
-    step, d=768, fp32, batch 4096: 1.17x at 8x and 32x; 1.10x more at 32x for the decoder's).
-    Pairs with w = 0 add nothing: JumpReLU's window pairs below the threshold (f = 0, dL/dh = 0)."""
+    gradient of a sparse encode or decode, as one embedding_bag over the pairs sorted by latent, not
+    autograd's scatter into a zero (M, d) matrix (topk step, fp32: 1.17x at 8x and 32x; 1.10x more at
+    32x for the decoder's). Pairs with w = 0 (JumpReLU's window below the threshold) are skipped."""
     keep = (w != 0).nonzero().squeeze(1)
     order = keep[torch.argsort(cols[keep])]
     starts = torch.searchsorted(cols[order], torch.arange(M, device=cols.device))
@@ -132,9 +130,9 @@ class SparseEncode(torch.autograd.Function):
 
 
 class SparseDecode(torch.autograd.Function):
-    """y_BD[b] = sum over token b's pairs of vals_j W_dec[cols_j] (rows sorted): k decoder rows
-    per token instead of a dense (B, m) x (m, d) matmul. Pairs with vals = 0 (JumpReLU's window
-    below the threshold) add nothing forward but still get dL/dvals, which the threshold needs."""
+    """y_BD[b] = sum over token b's pairs of vals_j W_dec[cols_j] (rows sorted): k decoder rows per
+    token, not a dense (B, m) x (m, d) matmul. Pairs with vals = 0 (JumpReLU's window below the
+    threshold) add nothing forward but get dL/dvals, which the threshold needs."""
 
     @staticmethod
     def forward(ctx, vals, W_dec, rows, cols, B):
@@ -157,11 +155,10 @@ class SparseDecode(torch.autograd.Function):
 
 def largest_pairs(c_BM: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of the n largest values of c_BM, row-major (each token's pairs together).
-    A topk over all B*m values is slow on CPU. Instead estimate the threshold from every 61st
-    value: a t that ~1.25 n values reach; one pass finds them and a small topk trims them to n.
-    Exact whenever at least n values reach t, and if not, t is lowered until they do.
-    (70 ms at B=4096, m=6144 on 2 CPU cores, less than the per-token topk(64) of TopK, 93 ms;
-    batchtopk step 1.85x -> 2.25x the dense reference in bench.py, d=768, 8x, batch 4096.)"""
+    A topk over all B*m values is slow on CPU. Instead a t that ~1.25 n values reach, estimated
+    from every 61st value; one pass finds them and a small topk trims them to n (exact: t is
+    lowered until n values reach it). 70 ms at B=4096, m=6144 on 2 CPU cores, against 93 ms for
+    TopK's per-token topk(64); batchtopk step 1.85x -> 2.25x the dense reference, d=768, 8x."""
     sample = c_BM.view(-1)[::61]
     for margin in (1.25, 2.0, 8.0, math.inf):
         t = sample.topk(min(len(sample), math.ceil(margin * n / 61) + 16), sorted=False).values.min() \
@@ -169,18 +166,17 @@ def largest_pairs(c_BM: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
         rows, cols = (c_BM >= t).nonzero(as_tuple=True)
         if len(rows) >= n:
             break
-    keep = c_BM[rows, cols].topk(n, sorted=False).indices
-    # back in row-major order: a mask pass is cheaper than a sort
+    keep = c_BM[rows, cols].topk(n, sorted=False).indices       # back in row order: a mask, not a sort
     keep = torch.zeros(len(rows), dtype=torch.bool, device=rows.device).index_fill_(0, keep, True)
     return rows[keep], cols[keep]
 
 
-# relu / jumprelu take the sparse code (and SparseEncode's backward) when at most this share of
-# (token, latent) pairs fire, a window pair below JumpReLU's threshold counting half; above it the
-# dense matmuls win. Measured crossover on 2 CPU cores: ~7% fp32, ~2.5% bf16 autocast at d=576, 8x,
-# batch 1024; ~9% and ~4.5% at d=768, batch 4096. CPU only: on a GPU the dense bf16 matmuls win
-# even at k/m = 1% (H200: topk's sparse step 0.43x a dense bf16 TopK step).
-SPARSE_BELOW = {("cpu", torch.float32): 0.07, ("cpu", torch.bfloat16): 0.03}
+# relu / jumprelu take the sparse code when at most this share of (token, latent) pairs fire (a
+# window pair below JumpReLU's threshold counts half); topk / batchtopk wherever there is an entry.
+# Crossovers measured at d=768, batch 4096: 2 CPU cores ~9% fp32, ~4.5% bf16 (~7% / 2.5% at d=576,
+# batch 1024); H200 fp32 ~0.5% (relu at L0 96: sparse 0.88x the dense step at 8x, 1.81x at 32x;
+# topk 1.07x, 1.86x). H200 bf16: dense (the sparse steps ran 0.5-0.9x), so no entry.
+SPARSE_BELOW = {("cpu", torch.float32): 0.07, ("cpu", torch.bfloat16): 0.03, ("cuda", torch.float32): 0.005}
 
 
 class SAE(nn.Module):
@@ -226,7 +222,9 @@ class SAE(nn.Module):
         # no longer needs a (B, d) x (d, m) matmul in the backward just for b_dec's gradient.
         b_dec = None if self.transcoder else self.b_dec
         bias_M = self.b_enc if b_dec is None else self.b_enc - b_dec @ self.W_enc
-        B, M = len(x_BD), self.d_sae
+        B, M, dev = len(x_BD), self.d_sae, x_BD.device.type     # SPARSE_BELOW: device, matmul dtype
+        share = SPARSE_BELOW.get((dev, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                                  else x_BD.dtype), 0)
 
         # relu, jumprelu: since n > 0, relu(h n) / n = relu(h) and JumpReLU's H(h n - theta) =
         # H(h - theta / n): the code comes from h directly. Two fewer (B, m) passes forward and
@@ -239,7 +237,6 @@ class SAE(nn.Module):
             with torch.no_grad():   # pairs that can get a gradient: h > 0, or c in JumpReLU's window
                 lo_M = ((theta_M - eps / 2) / n_M).clamp(min=0) if jump else torch.zeros_like(n_M)
                 on_M = theta_M / n_M if jump else lo_M                       # and those that fire
-            share = SPARSE_BELOW.get((h_BM.device.type, h_BM.dtype), 0)  # 0 (GPU): dense, no sync
             if share:   # which path is faster, from every 61st pair: the sparse one pays about half
                 # as much for a window pair below the threshold (f = 0, only dL/df) as for one that fires
                 h_s, j = h_BM.detach().view(-1)[::61], torch.arange(0, B * M, 61, device=h_BM.device) % M
@@ -253,31 +250,36 @@ class SAE(nn.Module):
             rows, cols = (h_BM.detach() > lo_M.to(h_BM.dtype)).nonzero(as_tuple=True)
             h_sel = SparseEncode.apply(x_BD, self.W_enc, self.b_enc, b_dec, h_BM.detach()[rows, cols],
                                        rows, cols)
-            vals = F.relu(h_sel) if self.act_fn == "relu" else \
-                JumpReLU.apply(h_sel, n_M[cols], theta_M[cols], eps)
+            vals = JumpReLU.apply(h_sel, n_M[cols], theta_M[cols], eps) if jump else F.relu(h_sel)
             return Code(None, vals, rows, cols, h_BM, n_M)
-        # topk / batchtopk: select without autograd, then take the gradient of the selected
-        # latents only (SparseEncode); a dense (B, m) gradient is never built.
-        # c = x (W_enc n) + bias n: scaling the (d, m) weights instead of the (B, m) output saves
-        # a (B, m) pass, and ranking needs no relu (topk step 1.84x -> 2.25x the dense reference
-        # step in one process, fp32, d=768, 8x, batch 4096, 2 CPU cores).
-        with torch.no_grad():
-            c_BM = torch.addmm(bias_M * n_M, x_BD, self.W_enc * n_M)
-        if self.act_fn == "topk":
-            cols = c_BM.topk(k, dim=-1, sorted=False).indices.flatten()           # (B * k,)
-            rows = torch.arange(B, device=c_BM.device).repeat_interleave(k)
+        # topk / batchtopk: select without autograd, then the gradient of the selected latents only
+        # (SparseEncode). c = x (W_enc n) + bias n: scaling W_enc, not the (B, m) output, saves a pass
+        # and ranking needs no relu (topk step 1.84x -> 2.25x the dense reference, fp32, 8x, 2 CPU
+        # cores). No SPARSE_BELOW entry (GPU bf16): dense (H200, 8x: 1.03x the reference; sparse 0.68x).
+        dense = not share
+        if dense:
+            h_BM = torch.addmm(bias_M, x_BD, self.W_enc)
+            c_BM = h_BM.detach() * n_M.to(h_BM.dtype)
         else:
-            # Keep the k*B largest contributions of the whole batch (Bussmann et al. 2024). Under
-            # torchrun this is each rank's local batch, so it selects over B / world_size tokens.
-            rows, cols = largest_pairs(c_BM, k * B)
+            with torch.no_grad():
+                c_BM = torch.addmm(bias_M * n_M, x_BD, self.W_enc * n_M)
 
-        def h_at(rows, cols):                  # h = c / n at these pairs, with SparseEncode's gradient
-            return SparseEncode.apply(x_BD, self.W_enc, self.b_enc, b_dec, c_BM[rows, cols] / n_M[cols],
-                                      rows, cols)
+        def h_at(rows, cols):                  # h = c / n at these pairs, with the gradient
+            return h_BM[rows, cols] if dense else SparseEncode.apply(
+                x_BD, self.W_enc, self.b_enc, b_dec, c_BM[rows, cols] / n_M[cols], rows, cols)
+        if self.act_fn == "topk":
+            idx_Bk = c_BM.topk(k, dim=-1, sorted=False).indices
+            if dense:                          # along rows: 1.15x over (rows, cols) pairs (H200, 8x)
+                f_BM = torch.zeros_like(h_BM).scatter(1, idx_Bk, F.relu(h_BM.gather(1, idx_Bk)))
+                return Code(f_BM, None, None, None, c_BM, n_M, pre_is_c=True, select=h_at)
+            rows, cols = torch.arange(B, device=c_BM.device).repeat_interleave(k), idx_Bk.flatten()
+        else:   # the k*B largest of the batch (Bussmann et al. 2024); under torchrun, the rank's batch
+            rows, cols = largest_pairs(c_BM, k * B)
         vals = F.relu(h_at(rows, cols))        # f = relu(c) / n = relu(h)
         if self.act_fn == "batchtopk" and self.training and (vals > 0).any():
             self.update_threshold_(c_BM[rows, cols][vals > 0].min())
-        return Code(None, vals, rows, cols, c_BM, n_M, pre_is_c=True, select=h_at)
+        f_BM = torch.zeros_like(h_BM).index_put((rows, cols), vals) if dense else None
+        return Code(f_BM, vals, rows, cols, c_BM, n_M, pre_is_c=True, select=h_at)
 
     def decode(self, code: Code, B: int) -> torch.Tensor:
         if code.f_BM is not None:
@@ -321,11 +323,9 @@ class SAE(nn.Module):
         """AuxK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): the top k_aux dead
         latents reconstruct the residual e = y - y_hat (detached), mean ||e - e_hat||^2.
         Only dead latents' encoder columns and decoder rows get a gradient."""
-        n_dead = int(dead_M.sum())
-        if n_dead == 0:
+        if (n_dead := int(dead_M.sum())) == 0:
             return resid_BD.new_zeros(())
-        k_aux = min(k_aux, n_dead)
-        B = len(resid_BD)
+        k_aux, B = min(k_aux, n_dead), len(resid_BD)
         dead_idx = dead_M.nonzero().squeeze(1)                 # select among the dead columns only
         c_dead = code.c_BM.detach()[:, dead_idx]
         cols = dead_idx[c_dead.topk(k_aux, dim=-1, sorted=False).indices].flatten()

@@ -161,10 +161,11 @@ def test_fast_paths_equal_straightforward_sae(act_fn, penalty, sparse, monkeypat
     assert g_fast[0].abs().sum() > 0 and (act_fn == "relu" or g_fast[4].abs().sum() > 0)
 
 
-@pytest.mark.parametrize("act_fn", ["relu", "jumprelu"])
+@pytest.mark.parametrize("act_fn", ["relu", "jumprelu", "topk", "batchtopk"])
 def test_sparse_and_dense_paths_agree_under_bf16_autocast(act_fn, monkeypatch):
     """Under bf16 autocast h is bf16 and the masks and bounds follow it; both paths must still
-    give the same outputs and gradients (to bf16 precision)."""
+    give the same outputs and gradients (to bf16 precision). With no SPARSE_BELOW entry (a GPU
+    under bf16) topk and batchtopk take the dense path too."""
     sae = make(act_fn, jumprelu_init_threshold=0.3, jumprelu_threshold_window=0.5)
     x = torch.randn(64, 16)
     results = []
@@ -180,7 +181,7 @@ def test_sparse_and_dense_paths_agree_under_bf16_autocast(act_fn, monkeypatch):
                                       for p in (sae.W_enc, sae.W_dec, sae.b_enc, sae.log_threshold)])
     for name, a, b in zip(("y", "W_enc", "W_dec", "b_enc", "log_threshold"), *results):
         assert (a - b).abs().max() <= 0.02 * a.abs().max() + 1e-6, name
-    assert results[0][-1].abs().sum() > 0 or act_fn == "relu"
+    assert results[0][-1].abs().sum() > 0 or act_fn != "jumprelu"
 
 
 def test_jumprelu_log_threshold_learns_through_the_sae():
@@ -352,7 +353,12 @@ def dense_reference(sae, x, k, batch=False):
 
 
 @pytest.mark.parametrize("act_fn", ["topk", "batchtopk"])
-def test_sparse_fast_path_matches_dense_reference_forward_and_backward(act_fn):
+@pytest.mark.parametrize("sparse", [True, False])
+def test_topk_paths_match_dense_reference_forward_and_backward(act_fn, sparse, monkeypatch):
+    """The sparse path (CPU) and the dense one (where SPARSE_BELOW has no entry: GPU bf16), AuxK
+    included, against the textbook dense SAE."""
+    if not sparse:
+        monkeypatch.delitem(sae_module.SPARSE_BELOW, ("cpu", torch.float32))
     sae = make(act_fn, d=24, m=96, k=6)
     x = torch.randn(40, 24)
     dead = torch.zeros(96, dtype=torch.bool)
@@ -362,6 +368,7 @@ def test_sparse_fast_path_matches_dense_reference_forward_and_backward(act_fn):
         return (y_hat - x).pow(2).sum(-1).mean() + aux
 
     y_hat, code = sae(x)
+    assert (code.f_BM is None) == sparse
     fast = loss_of(y_hat, sae.auxk_loss(code, x - y_hat, dead, k_aux=5))
     fast.backward()
     g_fast = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
