@@ -57,6 +57,7 @@ def run_train(*args, timeout=600, env=None):
     (["--batch-size", "1000", "--buffer-size", "1500"], "at least two batches"),
     (["--max-norm-ratio", "0.5"], "--max-norm-ratio must be > 1"),
     (["--sparsity-coefficient", "-1"], "--sparsity-coefficient must be >= 0"),
+    (["--model-batch-contexts", "0"], "--model-batch-contexts must be >= 1"),
 ])
 def test_bad_input_fails_fast_with_one_line(args, message):
     r = run_train(*args, timeout=60)
@@ -68,6 +69,14 @@ def test_bad_input_fails_fast_with_one_line(args, message):
 def test_batch_size_must_divide_over_processes():
     r = run_train("--batch-size", "1001", env={"WORLD_SIZE": "2", "RANK": "0"}, timeout=60)
     assert r.returncode == 2 and "not divisible by the 2 processes" in r.stderr
+
+
+def test_lm_batch_default_depends_on_the_device():
+    """16 contexts per LM forward on CPU; on a GPU as many as hold 8,192 tokens (at least 16)."""
+    assert train.parse_args([]).lm_batch("cpu") == 16
+    assert train.parse_args([]).lm_batch("cuda:1") == 8192 // 128
+    assert train.parse_args(["--context-size", "1024"]).lm_batch("cuda") == 16
+    assert train.parse_args(["--model-batch-contexts", "4"]).lm_batch("cuda") == 4
 
 
 def test_config_file_and_flags(tmp_path):
