@@ -1,6 +1,8 @@
 """The token stream: packing, rank slices, token hygiene, the mixing buffer."""
 import itertools
+import threading
 
+import pytest
 import torch
 
 import activations as acts
@@ -19,6 +21,30 @@ def test_contexts_start_with_bos_and_have_the_right_length(tiny_model):
         assert (c[1:] != tok.bos_token_id).all()
     # documents are separated by EOS
     assert sum((c == tok.eos_token_id).sum().item() for _, c in ctxs) >= 2
+
+
+def test_contexts_are_the_documents_packed_in_order(tiny_model):
+    """Tokenized a document ahead in a thread, the contexts are still exactly the documents'
+    tokens, EOS after each, in order, cut every context_size - 1 tokens behind a BOS."""
+    tok = tiny_model.tokenizer
+    stream = [t for text in texts() for t in tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    want = [[tok.bos_token_id] + stream[a:a + 15] for a in range(0, len(stream) - 14, 15)]
+    assert [c.tolist() for _, c in acts.iter_contexts(lambda: texts(), tok, 16, passes=1)] == want
+
+
+def test_ahead_keeps_the_order_runs_in_a_thread_and_raises_the_errors():
+    main, in_main = threading.current_thread(), []
+
+    def fn(x):
+        in_main.append(threading.current_thread() is main)
+        if x == 3:
+            raise ValueError("bad item")
+        return x * 2
+    results = acts.ahead(fn, range(5))
+    assert [next(results) for _ in range(3)] == [0, 2, 4]
+    with pytest.raises(ValueError, match="bad item"):
+        next(results)
+    assert len(in_main) >= 4 and not any(in_main)
 
 
 def test_ranks_are_disjoint_and_cover_every_context(tiny_model):
