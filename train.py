@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 import activations as acts
-from sae import SAE, Code
+from sae import SAE
 
 
 @dataclass
@@ -419,10 +419,11 @@ class Window:
         self.terms: dict[str, float] = {}
         self.steps = 0
 
-    def add(self, y, y_hat, code: Code, fired, terms: dict):
+    def add(self, y, y_hat, nnz, fired, terms: dict):
+        """nnz: this rank's active (token, latent) pairs; fired: per latent, summed over ranks."""
         B = len(y)
         self.sums += torch.stack([torch.tensor(B, device=y.device), (y - y_hat).pow(2).sum(),
-                                  y.pow(2).sum(), code.nnz_per_token(B).sum()]).double()
+                                  y.pow(2).sum(), nnz]).double()
         self.y_sum += y.sum(0).double()
         self.fired += fired.double()
         for name, v in terms.items():
@@ -707,6 +708,7 @@ def main(cfg: Config) -> dict:
 
         # State that is not a parameter, made identical on every rank explicitly.
         fired = code.fired(d_sae)
+        nnz = fired.sum()                  # this rank's pairs: no second (B, m) pass for L0
         if world > 1:
             dist.all_reduce(fired)                                     # dead-latent counters
             if cfg.act_fn == "batchtopk":
@@ -716,7 +718,7 @@ def main(cfg: Config) -> dict:
         since_fired[fired > 0] = 0
         step += 1
         bar.update(cfg.batch_size)
-        window.add(y.float(), y_hat.detach().float(), code, fired, {**terms, "loss": loss})
+        window.add(y.float(), y_hat.detach().float(), nnz, fired, {**terms, "loss": loss})
 
         if step % cfg.log_frequency == 0 or step == total_steps:
             m = window.read(world)
