@@ -6,6 +6,7 @@ The data flows through generators:
 Imports torch, transformer_lens, datasets (and transformers, which transformer_lens brings).
 """
 import concurrent.futures
+import functools
 import glob
 import gzip
 import importlib.util
@@ -191,16 +192,12 @@ def iter_contexts(make_texts, tokenizer, context_size: int, rank: int = 0, world
     yielded. Context i of the rest belongs to rank i % world_size; contexts before `start` are
     tokenized but skipped (resuming a run)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    n = context_size - 1
-
-    def encode(text):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
+    n, encode = context_size - 1, functools.partial(tokenizer, add_special_tokens=False)
     pending, i, p = [], 0, 0
     while passes is None or p < passes:
         j = 0                                          # index within this pass
-        for ids in (map(encode, make_texts()) if eval else ahead(encode, make_texts())):
-            pending += ids + [eos]
+        for enc in (map if eval else ahead)(encode, make_texts()):   # evaluation reads little
+            pending += enc["input_ids"] + [eos]
             # read through the list and drop what was read once per document: slicing off each
             # context instead copies the rest of a novel-length document every time (quadratic)
             for at in range(0, len(pending) - n + 1, n):
