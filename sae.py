@@ -173,10 +173,11 @@ def largest_pairs(c_BM: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
 
 # relu / jumprelu take the sparse code when at most this share of (token, latent) pairs fire (a
 # window pair below JumpReLU's threshold counts half); topk / batchtopk wherever there is an entry.
-# Crossovers measured at d=768, batch 4096: 2 CPU cores ~9% fp32, ~4.5% bf16 (~7% / 2.5% at d=576,
-# batch 1024); H200 fp32 ~0.5% (relu at L0 96: sparse 0.88x the dense step at 8x, 1.81x at 32x;
-# topk 1.07x, 1.86x). H200 bf16: dense (the sparse steps ran 0.5-0.9x), so no entry.
-SPARSE_BELOW = {("cpu", torch.float32): 0.07, ("cpu", torch.bfloat16): 0.03, ("cuda", torch.float32): 0.005}
+# Crossovers measured at d=768, batch 4096: 2 CPU cores ~9% fp32, ~4.5% bf16 and fp16 (~7% / 2.5%
+# at d=576, batch 1024); H200 fp32 ~0.5% (relu at L0 96: sparse 0.88x the dense step at 8x, 1.81x
+# at 32x; topk 1.07x, 1.86x). H200 bf16: dense (the sparse steps ran 0.5-0.9x), so no entry.
+SPARSE_BELOW = {("cpu", torch.float32): 0.07, ("cpu", torch.bfloat16): 0.03, ("cpu", torch.float16): 0.04,
+                ("cuda", torch.float32): 0.005}
 
 
 class SAE(nn.Module):
@@ -327,8 +328,7 @@ class SAE(nn.Module):
             return resid_BD.new_zeros(())
         k_aux, B = min(k_aux, n_dead), len(resid_BD)
         dead_idx = dead_M.nonzero().squeeze(1)                 # select among the dead columns only
-        c_dead = code.c_BM.detach()[:, dead_idx]
-        cols = dead_idx[c_dead.topk(k_aux, dim=-1, sorted=False).indices].flatten()
+        cols = dead_idx[code.c_BM.detach()[:, dead_idx].topk(k_aux, dim=-1, sorted=False).indices].flatten()
         rows = torch.arange(B, device=cols.device).repeat_interleave(k_aux)
         vals = F.relu(code.select(rows, cols))                 # f = relu(c) / n = relu(h)
         e_hat = SparseDecode.apply(vals, self.W_dec, rows, cols, B)

@@ -184,6 +184,19 @@ def test_sparse_and_dense_paths_agree_under_bf16_autocast(act_fn, monkeypatch):
     assert results[0][-1].abs().sum() > 0 or act_fn != "jumprelu"
 
 
+def test_path_follows_the_device_and_the_autocast_dtype(monkeypatch):
+    """SPARSE_BELOW is looked up by the device and the dtype the matmuls run in (autocast's):
+    topk is sparse wherever there is an entry, dense where there is none (a GPU under bf16)."""
+    sae, x = make("topk"), torch.randn(32, 16)
+    for dt in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dt):
+            assert sae(x)[1].f_BM is None
+    monkeypatch.delitem(sae_module.SPARSE_BELOW, ("cpu", torch.float16))
+    with torch.autocast("cpu", dtype=torch.float16):
+        code = sae(x)[1]
+    assert code.f_BM is not None and (code.nnz_per_token(32) == 4).all()
+
+
 def test_jumprelu_log_threshold_learns_through_the_sae():
     sae = make("jumprelu", jumprelu_init_threshold=0.3, jumprelu_threshold_window=1.0)
     y_hat, code = sae(torch.randn(64, 16))
