@@ -62,8 +62,8 @@ class Code(NamedTuple):
 
 
 class JumpReLU(torch.autograd.Function):
-    """f = a / n with a = c * H(c - theta), c = h * n: JumpReLU on the contribution, with a straight-
-    through estimator for theta (Rajamanoharan et al. 2024, "Jumping Ahead"): a rectangle of width eps
+    """f = a / n, a = c * H(c - theta), c = h * n: JumpReLU on the contribution. Its straight-through
+    estimator (Rajamanoharan et al. 2024, "Jumping Ahead"), a rectangle of width eps, gives
     dL/dtheta_i = sum_batch dL/da * (-theta_i / eps) * 1[|c - theta_i| < eps/2 and c > 0],
     and dL/dh = dL/df * H(c - theta). Since n > 0, all of it can be written on h with per-latent
     bounds (H(c - theta) = H(h - theta/n)), so no (B, m) tensor of contributions is ever built
