@@ -16,8 +16,10 @@ import dataclasses
 import glob
 import itertools
 import json
+import ctypes
 import math
 import os
+import platform
 import signal
 import sys
 import time
@@ -249,6 +251,18 @@ def lr_at(step: int, cfg: Config, total_steps: int) -> float:
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+def keep_freed_memory():
+    """glibc gives every freed block over 32 MB back to the OS, so on CPU each (B, m) tensor of a
+    large batch faults its pages in anew: ~25 ms per 100 MB on 2 cores, as long as the op that
+    fills it. Keep freed blocks in the heap for the next step instead (d=768, batch 4096, 2 CPU
+    cores: the topk step 1.1-1.3x faster at 32x, jumprelu at L0 ~ m/2 1.4x; the dense reference
+    1.2x at 8x, 1.2-1.4x at 32x), for ~0.5-2 GB more resident memory."""
+    if platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-4, 0)                 # M_MMAP_MAX: no block gets a mapping of its own
+        libc.mallopt(-1, 2 ** 31 - 1)       # M_TRIM_THRESHOLD: the heap never shrinks (below 2 GB free)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -553,6 +567,8 @@ def main(cfg: Config) -> dict:
     # --- distributed prologue: torchrun sets RANK / WORLD_SIZE; without them, one process -------
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = default_device(cfg)
+    if device == "cpu":
+        keep_freed_memory()
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
     if world > 1:
