@@ -270,8 +270,8 @@ def main():
     a.train = (dict(batch_size=256, buffer_size=1024, model_batch_contexts=2, eval_tokens=512), 8, 2) \
         if a.quick else (dict(eval_tokens=512), 24, 8) if cpu else (dict(), 400, 50)
     transformers.utils.logging.disable_progress_bar()        # no "Loading weights" bars
-    if cpu:     # freed memory stays in the heap, as train.py runs on CPU: every step gains, the
-        train.keep_freed_memory()       # reference too (it faults in ~200k pages a step without)
+    if cpu:     # freed memory stays in the heap, as in train.py at large batches on CPU: every
+        train.keep_freed_memory()       # step gains, the reference too (~200k page faults a step)
     # Other processes on the machine skew every number: the load average says how busy it was.
     print(f"device {a.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f}{', quick' if a.quick else ''}\n")
