@@ -96,7 +96,7 @@ def test_freed_memory_is_reused_not_faulted_in_again():
         print(before, faults())"""
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     before, after = map(int, r.stdout.split())
-    assert before > 5 * 16_000 * 0.9 and after < 500, (before, after)
+    assert after < 500 and after < before / 10, (before, after)   # before: ~82k (4 KB pages)
 
 
 def test_config_file_and_flags(tmp_path):
