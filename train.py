@@ -12,11 +12,11 @@
 
 The config is one flat dataclass; every field is a flag (--act-fn, --top-k, ...); --help lists them.
 """
+import ctypes
 import dataclasses
 import glob
 import itertools
 import json
-import ctypes
 import math
 import os
 import platform
@@ -630,7 +630,7 @@ def main(cfg: Config) -> dict:
     d_sae = cfg.expansion_factor * d_in
     if cfg.top_k >= d_sae:
         raise ValueError(f"--top-k {cfg.top_k} must be below d_sae = {d_sae}")
-    if device == "cpu" and B * d_sae * 4 > 32 * 2 ** 20:    # the (B, m) tensors glibc would map anew
+    if device == "cpu" and B * d_sae * 4 > 32 * 2 ** 20:    # (B, m) fp32 tensors glibc would map anew
         keep_freed_memory()
     sae = SAE(d_in, d_sae, cfg.act_fn, cfg.top_k, d_out, not sae_only,
               cfg.jumprelu_threshold_window, cfg.jumprelu_init_threshold,
