@@ -9,7 +9,8 @@ warmup, with the ratios that matter, and a compact summary of them at the end.
 2. sae     tokens/s and achieved GFLOP/s of nanoSAE's own training step (sae.SAE forward, MSE, the
            sparsity penalty for relu/jumprelu, backward, Adam: train.py's step without AuxK) per
            act_fn, in fp32 and under autocast bf16, next to a plain dense TopK step measured in the
-           same run (x @ W_enc + b, topk of relu, dense f @ W_dec + b): the ratio nanoSAE/dense.
+           same run (x @ W_enc + b, topk of relu, dense f @ W_dec + b): the ratio nanoSAE/dense
+           (the median over rounds of the steps taking turns), and each step's bf16/fp32.
            relu and jumprelu are timed at L0 = k, as a trained SAE fires (sae.py's sparse path),
            and fresh, where about half the latents fire (its dense path).
 3. lm      activation tokens/s of activations.iter_activations (TransformerBridge, stopping after
@@ -40,8 +41,8 @@ ACT_FNS = ("relu", "jumprelu", "topk", "batchtopk")
 FRESH = ("relu fresh", "jumprelu fresh")        # at a fresh SAE's L0 (~m/2): sae.py's dense path
 
 
-def timeit(fns: list, device: str, warmup: int, repeats: int) -> list[float]:
-    """Median seconds of each fn() over `repeats` calls after `warmup` untimed ones (CUDA kernels
+def timeit(fns: list, device: str, warmup: int, repeats: int) -> list[list[float]]:
+    """Seconds of each fn() in each of `repeats` rounds, after `warmup` untimed ones (CUDA kernels
     are asynchronous: synchronize before reading the clock). The fns take turns call by call: a
     ratio of two slow steps timed one after the other drifts with whatever else the machine does
     meanwhile, one of steps that alternate does not."""
@@ -57,7 +58,7 @@ def timeit(fns: list, device: str, warmup: int, repeats: int) -> list[float]:
             f()
             sync()
             ts.append(time.perf_counter() - t)
-    return [statistics.median(ts) for ts in times]
+    return times
 
 
 def table(header: list[str], rows: list[list]):
@@ -78,7 +79,8 @@ def bench_matmul(a) -> dict:
     for m in (e * a.d for e in a.expansions):
         for name, dt in DTYPES.items():
             x, W = (torch.randn(*shape, dtype=dt, device=a.device) for shape in ((a.batch, a.d), (a.d, m)))
-            roof[m, name] = 2 * a.batch * a.d * m / timeit([lambda: x @ W], a.device, *a.reps)[0] / 1e9
+            t = statistics.median(timeit([lambda: x @ W], a.device, *a.reps)[0])
+            roof[m, name] = 2 * a.batch * a.d * m / t / 1e9
         rows.append([f"({a.batch}, {a.d}) @ ({a.d}, {m})", roof[m, "fp32"], roof[m, "bf16"],
                      f"{roof[m, 'bf16'] / roof[m, 'fp32']:.2f}x"])
     table(["shape", "fp32 GFLOP/s", "bf16 GFLOP/s", "bf16/fp32"], rows)
@@ -159,8 +161,9 @@ def step_flops(B: int, d: int, m: int, l0: float | None) -> float:
     return 2 * B * d * m + 8 * B * d * (m if l0 is None else l0)
 
 
-def bench_sae(a, roof: dict) -> dict:
-    ratios, rows = {}, []
+def bench_sae(a, roof: dict) -> tuple[dict, dict]:
+    """The table; returns {(step, expansion, dtype): nanoSAE/dense} and {...: tokens/s}."""
+    ratios, rates, rows = {}, {}, []
     x = torch.randn(a.batch, a.d, device=a.device)
     for e in a.expansions:
         m = e * a.d
@@ -173,18 +176,21 @@ def bench_sae(a, roof: dict) -> dict:
                 step, l0_path = sae_step(a, act_fn, m, x, autocast)
                 steps.append(step)
                 l0_and_path.append(l0_path)
-            # All of them take turns, the dense reference included: each ratio compares medians
-            # taken over the same stretch of time.
-            times = timeit(steps, a.device, *a.reps)
-            for act_fn, t, l0_path in zip(("dense topk (ref)",) + ACT_FNS + FRESH, times, l0_and_path):
+            # All of them take turns, the dense reference included.
+            rounds = timeit(steps, a.device, *a.sae_reps[e])
+            for act_fn, ts, l0_path in zip(("dense topk (ref)",) + ACT_FNS + FRESH, rounds, l0_and_path):
                 l0, sparse = l0_path()
-                ratios[act_fn, e, name] = times[0] / t           # = tokens/s ratio, nanoSAE/dense
+                t = statistics.median(ts)
+                rates[act_fn, e, name] = a.batch / t
+                # The ratio of each round's pair (reference, step), its median over the rounds:
+                # a pair is timed seconds apart, so a slow stretch of the machine slows both.
+                ratios[act_fn, e, name] = statistics.median(r / s for r, s in zip(rounds[0], ts))
                 gflops = step_flops(a.batch, a.d, m, l0 if sparse else None) / t / 1e9
                 rows.append([act_fn, e, name, f"{l0:.0f}", f"{a.batch / t:,.0f}", gflops,
                              f"{gflops / roof[m, name]:.0%}", f"{ratios[act_fn, e, name]:.2f}x"])
             del steps, l0_and_path                               # free the weights and Adam states
     table(["step", "expansion", "dtype", "L0", "tokens/s", "GFLOP/s", "of roof", "vs dense"], rows)
-    return ratios
+    return ratios, rates
 
 
 # --- 3. activation generation: TransformerBridge vs raw HF, same contexts, same layers -----------
@@ -205,7 +211,8 @@ def bench_lm(a) -> dict:
         def bridge_fwd():
             return list(acts.iter_activations(bridge, iter(batch), HOOK, HOOK, drop, n, a.device))
         with torch.no_grad():
-            t_bridge, t_raw = timeit([bridge_fwd, lambda: raw.model(tokens_BT)], a.device, *a.lm_reps)
+            t_bridge, t_raw = map(statistics.median, timeit([bridge_fwd, lambda: raw.model(tokens_BT)],
+                                                            a.device, *a.lm_reps))
         # Both rates count every position of the contexts (the bridge's output drops BOS, 1 in 256).
         ratios[name] = t_raw / t_bridge
         rows.append([name, f"{n * 256 / t_bridge:,.0f}", f"{n * 256 / t_raw:,.0f}", f"{ratios[name]:.2f}x"])
@@ -259,10 +266,12 @@ def main():
     p.add_argument("--sections", default="matmul,sae,lm,train", help="a comma-separated subset")
     a = p.parse_args()
     cpu, sections = a.device == "cpu", a.sections.split(",")
-    # SAE shapes: d = 768 (GPT-2 / Pythia-160M width), batch 4096, k = 64. (warmup, repeats): an
-    # expansion-32 step takes ~10 s on 2 CPU cores, so only 3 repeats there.
+    # SAE shapes: d = 768 (GPT-2 / Pythia-160M width), batch 4096, k = 64. (warmup, repeats) of the
+    # matmuls, and of the SAE steps per expansion: on 2 CPU cores a round of the seven steps takes
+    # ~5 s at 8x and ~20 s at 32x, so 7 rounds at 8x and 3 at 32x.
     a.d, a.batch, a.k, a.expansions = (256, 1024, 32, (8,)) if a.quick else (768, 4096, 64, (8, 32))
     a.reps = (1, 2) if a.quick else (1, 3) if cpu else (5, 20)
+    a.sae_reps = {8: a.reps, 32: a.reps} if a.quick or not cpu else {8: (1, 7), 32: (1, 3)}
     # LM: contexts per forward (train.py uses 16 on CPU, where 4 keeps the bench short; on a GPU
     # 8,192 tokens, as train.py's default there) and repeats.
     a.lm_contexts, a.lm_reps = (2, (1, 1)) if a.quick else (4, (1, 5)) if cpu else (32, (3, 10))
@@ -284,10 +293,13 @@ def main():
             f"m={m} {roof[m, 'bf16'] / roof[m, 'fp32']:.2f}x" for m, dt in roof if dt == "fp32"))
     if "sae" in sections:
         print(f"== 2. SAE training step (d={a.d}, batch {a.batch}, k={a.k}) ==")
-        r = bench_sae(a, roof)
+        r, tps = bench_sae(a, roof)
         summary += [f"nanoSAE/dense, expansion {e} {dt}: " + ", ".join(f"{f} {r[f, e, dt]:.2f}x"
                                                                        for f in ACT_FNS + FRESH)
                     for e in a.expansions for dt in DTYPES]
+        # bf16 against fp32 of the same step: the two blocks ran one after the other, not in turns.
+        summary += [f"nanoSAE bf16/fp32, expansion {e}: " + ", ".join(
+            f"{f} {tps[f, e, 'bf16'] / tps[f, e, 'fp32']:.2f}x" for f in ACT_FNS + FRESH) for e in a.expansions]
     if "lm" in sections:
         print("== 3. activation generation ==")
         r = bench_lm(a)
