@@ -186,7 +186,7 @@ def bench_sae(a, roof: dict) -> tuple[dict, dict]:
                 # a pair is timed seconds apart, so a slow stretch of the machine slows both.
                 ratios[act_fn, e, name] = statistics.median(r / s for r, s in zip(rounds[0], ts))
                 gflops = step_flops(a.batch, a.d, m, l0 if sparse else None) / t / 1e9
-                rows.append([act_fn, e, name, f"{l0:.0f}", f"{a.batch / t:,.0f}", gflops,
+                rows.append([act_fn, e, name, f"{l0:.0f}", f"{rates[act_fn, e, name]:,.0f}", gflops,
                              f"{gflops / roof[m, name]:.0%}", f"{ratios[act_fn, e, name]:.2f}x"])
             del steps, l0_and_path                               # free the weights and Adam states
     table(["step", "expansion", "dtype", "L0", "tokens/s", "GFLOP/s", "of roof", "vs dense"], rows)
