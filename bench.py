@@ -90,16 +90,19 @@ def bench_matmul(a) -> dict:
 # --- 2. SAE training step: nanoSAE per act_fn vs a dense TopK reference --------------------------
 
 
-def adam_step(params, loss_fn, autocast, fused: bool):
-    """One training step: loss_fn() under autocast, backward, Adam (train.py's fused Adam, or
-    torch's default one for the reference)."""
-    opt = torch.optim.Adam(params, lr=1e-4, fused=fused)
+def adam_step(params, loss_fn, autocast, sae: SAE | None = None):
+    """One training step: loss_fn() under autocast, backward, Adam: train.py's (train.make_adam)
+    for an SAE, torch's default one for the reference."""
+    opt, W_enc_T = train.make_adam(sae, 1e-4, 1.0) if sae else (torch.optim.Adam(params, lr=1e-4), None)
 
     def step():
         with autocast:
             loss = loss_fn()
-        opt.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
         loss.backward()
+        if sae:
+            W_enc_T.grad = sae.W_enc.grad.T
         opt.step()
     return step
 
@@ -133,7 +136,7 @@ def sae_step(a, act_fn: str, m: int, x, autocast):
         with autocast:
             code = sae(x)[1]
         return code.nnz_per_token(len(x)).float().mean().item(), code.f_BM is None
-    return adam_step(sae.parameters(), loss_fn, autocast, fused=True), l0_and_path
+    return adam_step(list(sae.parameters()), loss_fn, autocast, sae), l0_and_path
 
 
 def dense_step(a, m: int, x, autocast):
@@ -149,7 +152,7 @@ def dense_step(a, m: int, x, autocast):
         vals, idx = h_BM.topk(a.k, dim=-1)
         f_BM = torch.zeros_like(h_BM).scatter(-1, idx, vals)
         return (f_BM @ W_dec + b_dec - x).float().pow(2).sum(-1).mean()
-    return adam_step([W_enc, b_enc, W_dec, b_dec], loss_fn, autocast, fused=False)
+    return adam_step([W_enc, b_enc, W_dec, b_dec], loss_fn, autocast)
 
 
 def step_flops(B: int, d: int, m: int, l0: float | None) -> float:

@@ -209,8 +209,9 @@ class SAE(nn.Module):
         W_dec = torch.randn(d_sae, d_out, **kw)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)                                          # (m, d_out)
+        # W_enc (d_in, m) is column-major: its sparse gradient is built a latent (a row of W_enc.T) at a time
         self.W_enc = nn.Parameter(W_dec.T.clone() if d_in == d_out
-                                  else torch.randn(d_in, d_sae, **kw) / d_in ** 0.5)  # (d_in, m)
+                                  else (torch.randn(d_sae, d_in, **kw) / d_in ** 0.5).T)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
         self.b_dec = nn.Parameter(torch.zeros(d_out, **kw))
         # JumpReLU thresholds live in fp32 whatever the SAE's dtype: exp() of a bf16 log is coarse.

@@ -99,6 +99,31 @@ def test_freed_memory_is_reused_not_faulted_in_again():
     assert after < 500 and after < before / 10, (before, after)   # before: ~82k (4 KB pages)
 
 
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_make_adam_updates_W_enc_as_plain_adam_does(transcoder):
+    """make_adam's Adam updates W_enc through a transposed view of its memory: three steps of it
+    give the same SAE (and the same Adam state) as plain single-tensor Adam on a copy."""
+    import copy
+    import torch
+    torch.manual_seed(0)
+    sae = SAE(16, 64, "topk", 4, d_out=8 if transcoder else None, transcoder=transcoder)
+    ref = copy.deepcopy(sae)
+    opt, W_enc_T = train.make_adam(sae, 1e-2, 0.1)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, foreach=False)
+    x = torch.randn(32, 16)
+    for model, o in ((sae, opt), (ref, ref_opt)):
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            y_hat, code = model(x)
+            (y_hat - x[:, :model.d_out]).pow(2).sum(-1).mean().backward()
+            if model is sae:
+                W_enc_T.grad = sae.W_enc.grad.T
+            o.step()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(getattr(sae, name), p, atol=1e-6, rtol=1e-5, msg=name)
+    torch.testing.assert_close(opt.state[W_enc_T]["exp_avg"].T, ref_opt.state[ref.W_enc]["exp_avg"])
+
+
 def test_config_file_and_flags(tmp_path):
     (tmp_path / "run.toml").write_text('act_fn = "batchtopk"\ntop_k = 16\nlr = 0.002\n')
     c = train.parse_args(["--config", str(tmp_path / "run.toml"), "--lr", "3e-4"])
