@@ -182,6 +182,22 @@ def largest_pairs(c_BM: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
     return rows[keep], cols[keep], c[keep]
 
 
+def row_topk(c_BM: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of each row's k largest, as c_BM.topk(k, dim=-1, sorted=False). On CPU, topk
+    walks every value. But a row's k largest lie in the k groups of columns with the largest maxima
+    (k larger values stand before any other group), so: the maxima of the groups of 8 columns (g,
+    g + m/8, ...: one vectorized pass), the k best groups by the same rule, and a topk over their 8k
+    values. 2 CPU cores, k = 64: (B, m) = (1024, 4608) 17 -> 8 ms, (4096, 24576) 208 -> 88 ms."""
+    B, M = c_BM.shape
+    if c_BM.device.type != "cpu" or M < 16 * k or M % 8:
+        return c_BM.topk(k, dim=-1, sorted=False)
+    G = M // 8
+    groups = row_topk(c_BM.view(B, 8, G).amax(1), k)[1]                        # (B, k)
+    idx = (groups.unsqueeze(-1) + G * torch.arange(8, device=c_BM.device)).view(B, 8 * k)
+    vals, j = c_BM.gather(1, idx).topk(k, dim=-1, sorted=False)
+    return vals, idx.gather(1, j)
+
+
 # relu / jumprelu take the sparse code when at most this share of (token, latent) pairs fire (a
 # window pair below JumpReLU's threshold counts half); topk / batchtopk wherever there is an entry.
 # Crossovers measured at d=768, batch 4096: 2 CPU cores ~9% fp32, ~4.5% bf16 and fp16 (~7% / 2.5%
@@ -281,7 +297,7 @@ class SAE(nn.Module):
             return h_BM[rows, cols] if dense else SparseEncode.apply(x_BD, self.W_enc, self.b_enc, b_dec,
                 (c_BM[rows, cols] if c is None else c) / n_M[cols], rows, cols, bags)
         if self.act_fn == "topk":
-            c_Bk, idx_Bk = c_BM.topk(k, dim=-1, sorted=False)
+            c_Bk, idx_Bk = row_topk(c_BM, k)
             if dense:                          # along rows: 1.15x over (rows, cols) pairs (H200, 8x)
                 f_BM = torch.zeros_like(h_BM).scatter(1, idx_Bk, F.relu(h_BM.gather(1, idx_Bk)))
                 return Code(f_BM, None, None, None, c_BM, n_M, pre_is_c=True, select=h_at)
@@ -342,7 +358,7 @@ class SAE(nn.Module):
             return resid_BD.new_zeros(())
         k_aux, B = min(k_aux, n_dead), len(resid_BD)
         dead_idx = dead_M.nonzero().squeeze(1)                 # select among the dead columns only
-        cols = dead_idx[code.c_BM.detach()[:, dead_idx].topk(k_aux, dim=-1, sorted=False).indices].flatten()
+        cols = dead_idx[row_topk(code.c_BM.detach()[:, dead_idx], k_aux)[1]].flatten()
         rows = torch.arange(B, device=cols.device).repeat_interleave(k_aux)
         vals = F.relu(code.select(rows, cols))                 # f = relu(c) / n = relu(h)
         e_hat = SparseDecode.apply(vals, self.W_dec, rows, cols, B)

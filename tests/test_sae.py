@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sae as sae_module
-from sae import SAE, JumpReLU, largest_pairs
+from sae import SAE, JumpReLU, largest_pairs, row_topk
 
 
 def make(act_fn, d=16, m=64, k=4, **kw):
@@ -66,6 +66,18 @@ def test_largest_pairs_is_exact_when_the_sampled_threshold_misses():
     ref = c.flatten().topk(128).indices
     assert torch.equal((rows * 256 + cols).sort().values, ref.sort().values)
     assert torch.equal(rows, rows.sort().values)
+
+
+@pytest.mark.parametrize("M,k", [(64, 4), (1000, 8), (4096, 8)])       # (4096, 8): groups of groups
+def test_row_topk_is_each_rows_k_largest(M, k):
+    """row_topk (the k best groups of columns, then the k best of their values) selects what
+    torch.topk does: k distinct columns per row whose values are the row's k largest, ties included."""
+    torch.manual_seed(0)
+    for c in (torch.randn(16, M), torch.randint(0, 20, (16, M)).float()):     # many ties
+        vals, idx = row_topk(c, k)
+        assert torch.equal(c.gather(1, idx), vals)
+        assert (idx.sort(-1).values.diff(dim=-1) > 0).all()
+        assert torch.equal(vals.sort(-1).values, c.topk(k, dim=-1).values.sort(-1).values)
 
 
 def test_relu_and_jumprelu_forward():
