@@ -10,7 +10,9 @@ warmup, with the ratios that matter, and a compact summary of them at the end.
            sparsity penalty for relu/jumprelu, backward, Adam: train.py's step without AuxK) per
            act_fn, in fp32 and under autocast bf16, next to a plain dense TopK step measured in the
            same run (x @ W_enc + b, topk of relu, dense f @ W_dec + b): the ratio nanoSAE/dense
-           (the median over rounds of the steps taking turns), and each step's bf16/fp32.
+           (the median over rounds of the steps taking turns), and each step's bf16/fp32. The
+           bound on any exact step: the encoder's forward matmul alone, at the roofline, over the
+           reference (a step that skipped everything else could be that much faster, no more).
            relu and jumprelu are timed at L0 = k, as a trained SAE fires (sae.py's sparse path),
            and fresh, where about half the latents fire (its dense path).
 3. lm      activation tokens/s of activations.iter_activations (TransformerBridge, stopping after
@@ -300,6 +302,10 @@ def main():
         summary += [f"nanoSAE/dense, expansion {e} {dt}: " + ", ".join(f"{f} {r[f, e, dt]:.2f}x"
                                                                        for f in ACT_FNS + FRESH)
                     for e in a.expansions for dt in DTYPES]
+        # The bound on any exact step: the encoder's forward matmul alone, at the roofline.
+        summary += [f"encoder matmul alone at the roofline/dense, expansion {e}: " + ", ".join(
+            f"{dt} {roof[e * a.d, dt] * 1e9 / (2 * a.d * e * a.d) / tps['dense topk (ref)', e, dt]:.2f}x"
+            for dt in DTYPES) for e in a.expansions]
         # bf16 against fp32 of the same step: the two blocks ran one after the other, not in turns.
         summary += [f"nanoSAE bf16/fp32, expansion {e}: " + ", ".join(
             f"{f} {tps[f, e, 'bf16'] / tps[f, e, 'fp32']:.2f}x" for f in ACT_FNS + FRESH) for e in a.expansions]
