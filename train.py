@@ -726,13 +726,15 @@ def main(cfg: Config) -> dict:
             loss = sum(terms.values())
         sae.zero_grad(set_to_none=True)
         loss.backward()
+        W_enc_T.grad = sae.W_enc.grad.T                  # Adam's view of W_enc (make_adam)
         if world > 1:
-            # Average gradients over ranks: each rank's loss is a mean over its B tokens.
-            for p in sae.parameters():
+            # Average gradients over ranks: each rank's loss is a mean over its B tokens. Adam's
+            # parameters, whose gradients are contiguous (W_enc_T's, not W_enc's): NCCL needs it.
+            for p in (p for group in opt.param_groups for p in group["params"]):
                 p.grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                assert p.grad.is_contiguous(), "NCCL reduces only contiguous tensors"
                 dist.all_reduce(p.grad)
                 p.grad /= world
-        W_enc_T.grad = sae.W_enc.grad.T                  # Adam's view of W_enc (make_adam)
         opt.step()
 
         # State that is not a parameter, made identical on every rank explicitly.
