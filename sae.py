@@ -180,9 +180,10 @@ def largest_pairs(c_BM: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
             if margin < math.inf else -math.inf
         rows, groups = (g_max >= t).nonzero(as_tuple=True)
         at = ((rows * M + groups)[:, None] + G * torch.arange(S, device=rows.device)).flatten()
-        c = c_BM.view(-1)[at]                                  # the values of those groups
-        reach = (c >= t).nonzero().squeeze(1)
-        at, c = at[reach], c[reach]                                       # flat indices, row-major
+        c = c_BM.view(-1)[at]                        # their values; flat indices, row-major
+        if S > 1:                                    # of a group, only those that reach t
+            reach = (c >= t).nonzero().squeeze(1)
+            at, c = at[reach], c[reach]
         if len(at) >= n:
             break
     keep = c.topk(n, sorted=False).indices                           # back in row order: a mask

@@ -1,10 +1,12 @@
 """train.py: schedules, config validation and files, and real training runs."""
+import copy
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import train
 from sae import SAE
@@ -103,8 +105,6 @@ def test_freed_memory_is_reused_not_faulted_in_again():
 def test_make_adam_updates_W_enc_as_plain_adam_does(transcoder):
     """make_adam's Adam updates W_enc through a transposed view of its memory: three steps of it
     give the same SAE (and the same Adam state) as plain single-tensor Adam on a copy."""
-    import copy
-    import torch
     torch.manual_seed(0)
     sae = SAE(16, 64, "topk", 4, d_out=8 if transcoder else None, transcoder=transcoder)
     ref = copy.deepcopy(sae)
