@@ -38,6 +38,29 @@ def test_batchtopk_has_k_on_average_but_not_per_token():
     assert sae.threshold > 0                                       # running threshold tracked
 
 
+def test_batchtopk_running_threshold():
+    """The first batch sets it to the smallest kept contribution, later ones move it by an EMA
+    (decay 0.95), and a batch where nothing fires leaves it alone."""
+    sae = make("batchtopk", m=256)
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        b_enc = sae.b_enc.clone()
+        sae.b_enc.fill_(-1e3)                                     # nothing fires
+    sae(x)
+    assert sae.threshold == -1
+    with torch.no_grad():
+        sae.b_enc.copy_(b_enc)
+    t = []
+    for scale in (1.0, 2.0):
+        code = sae.encode(x * scale)
+        t.append(code.c_BM[code.rows, code.cols][code.vals > 0].min())
+    assert torch.allclose(sae.threshold, 0.95 * t[0] + 0.05 * t[1])
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e3)
+    sae(x)
+    assert torch.allclose(sae.threshold, 0.95 * t[0] + 0.05 * t[1])
+
+
 @pytest.mark.parametrize("massive", [False, True])
 def test_batchtopk_selects_exactly_the_k_b_largest_of_the_batch(massive):
     """The selection goes through a threshold sampled from the batch; it must equal a plain topk
