@@ -307,9 +307,14 @@ class SAE(nn.Module):
             with torch.no_grad():
                 c_BM = torch.addmm(bias_M * n_M, x_BD, self.W_enc * n_M)
 
-        # h = c / n at pairs, with the gradient; a selection hands on its c (no 2nd gather: 1.04-1.07x)
+        # h = c / n at pairs, with the gradient; a selection hands on its c (no 2nd gather: 1.04-1.07x).
+        # Dense: a gather at flat indices; its backward is a scatter-add, where h_BM[rows, cols]'s (an
+        # accumulating index_put) sorts the pairs on CUDA. With the scatter below: batchtopk under bf16,
+        # H200, 1.06x at 8x.
         def h_at(rows, cols, c=None, bags=None):
-            return h_BM[rows, cols] if dense else SparseEncode.apply(x_BD, self.W_enc, self.b_enc, b_dec,
+            if dense:
+                return h_BM.view(-1).gather(0, rows * M + cols)
+            return SparseEncode.apply(x_BD, self.W_enc, self.b_enc, b_dec,
                 (c_BM[rows, cols] if c is None else c) / n_M[cols], rows, cols, bags)
         if self.act_fn == "topk":
             c_Bk, idx_Bk = row_topk(c_BM, k)
@@ -324,7 +329,7 @@ class SAE(nn.Module):
         vals = F.relu(h_at(rows, cols, c, bags))     # f = relu(c) / n = relu(h)
         if self.act_fn == "batchtopk" and self.training:
             self.update_threshold_(torch.where(vals > 0, c, torch.inf).min())
-        f_BM = torch.zeros_like(h_BM).index_put((rows, cols), vals) if dense else None
+        f_BM = torch.zeros_like(h_BM).view(-1).scatter(0, rows * M + cols, vals).view(B, M) if dense else None
         return Code(f_BM, vals, rows, cols, c_BM, n_M, pre_is_c=True, select=h_at, bags=bags)
 
     def decode(self, code: Code, B: int) -> torch.Tensor:
