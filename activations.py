@@ -84,14 +84,23 @@ def embedded_model_path() -> str:
     return folder
 
 
-def model_dims(name: str) -> tuple[int, int]:
-    """(blocks, d_model), read from the config alone: no weights load."""
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+
+
+def model_dims(name: str) -> tuple[int, int, int | None]:
+    """(blocks, d_model, longest context), read from the config alone: no weights load."""
     if name == EMBEDDED_MODEL:
-        return 30, 576
+        return 30, 576, 8192
     from transformers import AutoConfig
-    cfg = AutoConfig.from_pretrained(name)
+    try:
+        cfg = AutoConfig.from_pretrained(name)
+    except Exception as e:                       # no such model, no network, not a model folder
+        raise ValueError(f"model {name!r} cannot be read ({_one_line(e)}); "
+                         f"give a local HF model folder, or a hub name with the network up") from None
+    n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     return (getattr(cfg, "num_hidden_layers", None) or cfg.n_layer,
-            getattr(cfg, "hidden_size", None) or cfg.n_embd)
+            getattr(cfg, "hidden_size", None) or cfg.n_embd, n_ctx)
 
 
 @torch.no_grad()
@@ -176,7 +185,12 @@ def iter_texts(dataset: str, split: str = "train", text_column: str = "text"):
                     yield f.read()
         return
     import datasets
-    for row in datasets.load_dataset(dataset, split=split, streaming=True):
+    try:
+        rows = datasets.load_dataset(dataset, split=split, streaming=True)
+    except Exception as e:                       # no such dataset or split, or no network
+        raise ValueError(f"dataset {dataset!r} cannot be read ({_one_line(e)}); "
+                         f"give a local folder of .txt/.jsonl files, or an HF dataset with the network up") from None
+    for row in rows:
         if text_column not in row:
             raise ValueError(f"dataset {dataset} has no column {text_column!r}; "
                              f"its columns are {sorted(row)}: pass --text-column")

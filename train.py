@@ -34,6 +34,16 @@ import activations as acts
 from sae import SAE
 
 
+# The lowest value of each bounded Config field (None, where allowed, means "unset").
+AT_LEAST = dict(top_k=1, expansion_factor=1, batch_size=1, context_size=2, model_batch_contexts=1,
+                log_frequency=1, keep_checkpoints=1, checkpoint_every=0, eval_every=0, aux_k=1,
+                dead_tokens=1, sparsity_coefficient=0, pre_act_loss_coefficient=0, aux_k_coefficient=0,
+                sparsity_warmup_steps=0, k_warmup_steps=0, k_cold_booting_steps=0, lr_warmup_steps=0,
+                lr_decay_steps=0, lr_end_ratio=0)
+ABOVE = dict(lr=0, jumprelu_threshold_window=0, jumprelu_init_threshold=0, jumprelu_lr_factor=0,
+             k_exponential_factor=0, max_norm_ratio=1)     # a multiple of the median norm, e.g. 10
+
+
 @dataclass
 class Config:
     # --- language model and text -------------------------------------------------------------
@@ -172,31 +182,28 @@ class Config:
 
     def __post_init__(self):
         # Checked before any model loads, so a typo costs a second, not a model load.
-        if self.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.expansion_factor < 1:
-            raise ValueError(f"--expansion-factor must be >= 1, got {self.expansion_factor}")
-        if self.batch_size < 1 or self.total_training_tokens < self.batch_size:
+        # Plain bounds first: each field must be >= (or >) its lowest sensible value.
+        for op, bounds in ((">=", AT_LEAST), (">", ABOVE)):
+            for name, low in bounds.items():
+                v = getattr(self, name)
+                if v is not None and (v < low if op == ">=" else v <= low):
+                    raise ValueError(f"--{name.replace('_', '-')} must be {op} {low}, got {v}")
+        if self.total_training_tokens < self.batch_size:
             raise ValueError(f"--total-training-tokens ({self.total_training_tokens}) must be at "
                              f"least one --batch-size ({self.batch_size})")
         if self.buffer_size < 2 * self.batch_size:
             raise ValueError(f"--buffer-size ({self.buffer_size}) must hold at least two batches "
                              f"(2 * --batch-size = {2 * self.batch_size})")
+        if self.eval_tokens < self.context_size:
+            raise ValueError(f"--eval-tokens ({self.eval_tokens}) must hold at least one context "
+                             f"(--context-size {self.context_size})")
         if self.initial_k is not None and self.initial_k < self.top_k:
             raise ValueError(f"--initial-k ({self.initial_k}) must be >= --top-k ({self.top_k}): "
                              f"the schedule anneals k down to top_k")
-        if self.context_size < 2:
-            raise ValueError(f"--context-size must be >= 2, got {self.context_size}")
-        if self.model_batch_contexts is not None and self.model_batch_contexts < 1:
-            raise ValueError(f"--model-batch-contexts must be >= 1, got {self.model_batch_contexts}")
-        if self.max_norm_ratio is not None and self.max_norm_ratio <= 1:
-            raise ValueError(f"--max-norm-ratio must be > 1 (a multiple of the median norm, e.g. 10), "
-                             f"got {self.max_norm_ratio}")
-        if self.sparsity_coefficient is not None and self.sparsity_coefficient < 0:
-            raise ValueError(f"--sparsity-coefficient must be >= 0, got {self.sparsity_coefficient}")
-        if _looks_local(self.dataset) and not os.path.isdir(self.dataset):
-            raise ValueError(f"--dataset {self.dataset} does not exist: give a folder of "
-                             f".txt/.txt.gz/.jsonl files or an HF dataset name (owner/name)")
+        for flag, name in (("--dataset", self.dataset), ("--eval-dataset", self.eval_dataset)):
+            if name and _looks_local(name) and not os.path.isdir(name):
+                raise ValueError(f"{flag} {name} does not exist: give a folder of "
+                                 f".txt/.txt.gz/.jsonl files or an HF dataset name (owner/name)")
 
     @property
     def hook_out(self) -> str:
@@ -377,6 +384,15 @@ def print_eval(result: dict, title: str, folder: str | None = None):
 
 
 def default_device(cfg: Config) -> str:
+    """--device, or cuda when present, else cpu; a device this machine lacks is a one-line error."""
+    for flag, name in (("--device", cfg.device), ("--generator-device", cfg.generator_device)):
+        try:
+            dev = torch.device(name or "cpu")
+        except RuntimeError:
+            raise ValueError(f"{flag} {name}: not a device name (e.g. cpu, cuda, cuda:1)") from None
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA GPUs; "
+                             f"leave it unset (cuda when present, else cpu)")
     return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -386,11 +402,17 @@ def load_lm(cfg: Config, device: str):
     return model, acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids)
 
 
-def check_hook_points(cfg: Config) -> int:
-    """Check both hook points against the model's config (no weights load); returns d_model."""
-    n_layers, d_model = acts.model_dims(cfg.model)
+def check_model_and_data(cfg: Config) -> int:
+    """What can be checked before the weights load: the hook points and the context size against the
+    model's config, and that an HF dataset opens. Returns d_model."""
+    n_layers, d_model, n_ctx = acts.model_dims(cfg.model)
     for hook in (cfg.hook_point_in, cfg.hook_out):
         acts.check_hook_point(hook, n_layers)
+    if n_ctx and cfg.context_size > n_ctx:
+        raise ValueError(f"--context-size {cfg.context_size} is longer than {cfg.model} takes ({n_ctx} tokens)")
+    for dataset in {cfg.dataset, cfg.eval_dataset or cfg.dataset}:
+        if not os.path.isdir(dataset):                  # a wrong HF name fails here, not after the LM
+            next(_texts(cfg, dataset)(), None)
     return d_model
 
 
@@ -407,6 +429,11 @@ def train_activations(cfg: Config, model, drop_ids: torch.Tensor, device: str, r
                                   held_out=held_out, start=start, passes=passes)
     return acts.iter_activations(model, contexts, cfg.hook_point_in, cfg.hook_out, drop_ids,
                                  cfg.lm_batch(device), device, cfg.max_norm_ratio)
+
+
+def check_k(cfg: Config, d_sae: int):
+    if max(cfg.top_k, cfg.initial_k or 0) >= d_sae:
+        raise ValueError(f"--top-k {cfg.top_k} (and --initial-k, if given) must be below d_sae = {d_sae}")
 
 
 def folded(sae: SAE, s_in: float, s_out: float) -> SAE:
@@ -604,14 +631,14 @@ def main(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
 
     # --- the language model (or a cache of its activations) and the activation stream ----------
+    d_model = check_model_and_data(cfg)        # the LM evaluates at the end, from a cache too
     if cfg.activations:                        # the cache says what it holds; no LM while training
         manifest = acts.read_manifest(cfg.activations, {"model": cfg.model, "hook_point_in":
                                                         cfg.hook_point_in, "hook_point_out": cfg.hook_out})
         model, drop_ids, d_in, d_out = None, None, manifest["d_in"], manifest["d_out"]
     else:
-        d_sae = cfg.expansion_factor * check_hook_points(cfg)
-        if "resid" in cfg.hook_point_in and cfg.top_k >= d_sae:   # before the model loads, when we can
-            raise ValueError(f"--top-k {cfg.top_k} must be below d_sae = {d_sae}")
+        if "resid" in cfg.hook_point_in:                 # before the model loads, when we can
+            check_k(cfg, cfg.expansion_factor * d_model)
         model, drop_ids = load_lm(cfg, device)
         d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out)
     # where this rank is in its data: a checkpoint saves it after every batch
@@ -643,8 +670,7 @@ def main(cfg: Config) -> dict:
 
     # --- the SAE: normalization and init from the first batch, or the checkpoint ---------------
     d_sae = cfg.expansion_factor * d_in
-    if cfg.top_k >= d_sae:
-        raise ValueError(f"--top-k {cfg.top_k} must be below d_sae = {d_sae}")
+    check_k(cfg, d_sae)
     if device == "cpu" and B * d_sae * 4 > 32 * 2 ** 20:    # (B, m) fp32 tensors glibc would map anew
         keep_freed_memory()
     sae = SAE(d_in, d_sae, cfg.act_fn, cfg.top_k, d_out, not sae_only,
@@ -834,8 +860,8 @@ def cache_main(cfg: Config) -> dict:
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("--cache-activations runs in one process (the LM forward is the cost); "
                          "train from the cache under torchrun")
-    check_hook_points(cfg)
     device = default_device(cfg)
+    check_model_and_data(cfg)
     model, drop_ids = load_lm(cfg, device)
     d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out)
     keys = ("model", "model_dtype", "hook_point_in", "context_size", "dataset", "dataset_split",
@@ -853,12 +879,12 @@ def cache_main(cfg: Config) -> dict:
     return manifest
 
 
-def eval_only(folder: str, eval_dataset: str | None = None) -> dict:
+def eval_only(folder: str, eval_dataset: str | None = None, device: str | None = None) -> dict:
     """Evaluate a saved SAE folder on the held-out text of its run (or on eval_dataset), print
-    the table and write eval.json into the folder."""
+    the table and write eval.json into the folder. The device is this machine's, not the run's."""
     sae = SAE.load(folder)
     with open(os.path.join(folder, "config.json")) as f:
-        cfg = Config(**json.load(f)["train"])
+        cfg = Config(**{**json.load(f)["train"], "device": device, "generator_device": None})
     cfg.eval_dataset = eval_dataset or cfg.eval_dataset
     device = default_device(cfg)
     model, drop_ids = load_lm(cfg, device)
@@ -871,7 +897,7 @@ if __name__ == "__main__":
     try:
         cfg = parse_args(sys.argv[1:])
         if cfg.eval_only:
-            eval_only(cfg.eval_only, cfg.eval_dataset)
+            eval_only(cfg.eval_only, cfg.eval_dataset, cfg.device)
         elif cfg.cache_activations:
             cache_main(cfg)
         else:

@@ -60,6 +60,15 @@ def run_train(*args, timeout=600, env=None):
     (["--max-norm-ratio", "0.5"], "--max-norm-ratio must be > 1"),
     (["--sparsity-coefficient", "-1"], "--sparsity-coefficient must be >= 0"),
     (["--model-batch-contexts", "0"], "--model-batch-contexts must be >= 1"),
+    (["--log-frequency", "0"], "--log-frequency must be >= 1"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--eval-tokens", "100"], "must hold at least one context"),
+    (["--initial-k", "5000"], "must be below d_sae"),
+    (["--context-size", "100000", "--eval-tokens", "200000"], "longer than SmolLM2-135M-Instruct takes"),
+    (["--device", "cuda:99"], "--device cuda:99: this machine has"),
+    (["--device", "gpu"], "not a device name"),
+    (["--model", "nobody/no-such-model"], "model 'nobody/no-such-model' cannot be read"),
+    (["--dataset", "nobody/no-such-dataset"], "dataset 'nobody/no-such-dataset' cannot be read"),
 ])
 def test_bad_input_fails_fast_with_one_line(args, message):
     r = run_train(*args, timeout=60)
