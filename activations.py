@@ -109,7 +109,12 @@ def run_hooks(model, tokens_BT: torch.Tensor, hook_in: str, hook_out: str):
     hooks = sorted({hook_in, hook_out})
     stop = max((hook_layer(h) or 0) for h in hooks) + 1          # stop_at_layer=L runs blocks 0..L-1
     _, cache = model.run_with_cache(tokens_BT, names_filter=hooks, stop_at_layer=stop)
-    return cache[hook_in], cache[hook_out]
+    return token_vectors(cache, hook_in), token_vectors(cache, hook_out)
+
+
+def token_vectors(cache, hook: str) -> torch.Tensor:
+    """(B, T, d): a per-head hook (attn.hook_z, (B, T, heads, d_head)) as one vector per token."""
+    return cache[hook].flatten(2)
 
 
 def hook_dims(model, hook_in: str, hook_out: str) -> tuple[int, int]:
@@ -180,7 +185,7 @@ def iter_texts(dataset: str, split: str = "train", text_column: str = "text"):
         for path in files:
             with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
                 if ".jsonl" in path:
-                    yield from (json.loads(line)[text_column] for line in f if line.strip())
+                    yield from _jsonl_texts(f, path, text_column)
                 else:
                     yield f.read()
         return
@@ -194,6 +199,21 @@ def iter_texts(dataset: str, split: str = "train", text_column: str = "text"):
         if text_column not in row:
             raise ValueError(f"dataset {dataset} has no column {text_column!r}; "
                              f"its columns are {sorted(row)}: pass --text-column")
+        yield row[text_column]
+
+
+def _jsonl_texts(lines, path: str, text_column: str):
+    """The text_column of each JSON line; a bad line is an error that names it."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {n}: not JSON ({e})") from None
+        if text_column not in row:
+            raise ValueError(f"{path}, line {n}, has no key {text_column!r} (its keys are "
+                             f"{sorted(row)}): pass --text-column")
         yield row[text_column]
 
 
@@ -274,8 +294,9 @@ def spliced_logprobs(model, tokens_BT: torch.Tensor, hook: str, new_act_BTD: tor
                      keep_BT: torch.Tensor):
     """Next-token log-probabilities (B, T-1, vocab) of a full forward with the activation at
     `hook` replaced by new_act at the positions where keep is True (the others stay clean)."""
-    def splice(act, hook):
-        return torch.where(keep_BT[..., None], new_act_BTD.to(act.dtype), act)
+    def splice(act, hook):                   # act may be per head: (B, T, heads, d_head)
+        keep = keep_BT.view(*keep_BT.shape, *[1] * (act.dim() - 2))
+        return torch.where(keep, new_act_BTD.to(act.dtype).view(act.shape), act)
     logits = model.run_with_hooks(tokens_BT, fwd_hooks=[(hook, splice)], return_type="logits")
     return logits[:, :-1].float().log_softmax(-1)
 

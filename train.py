@@ -200,6 +200,8 @@ class Config:
         if self.initial_k is not None and self.initial_k < self.top_k:
             raise ValueError(f"--initial-k ({self.initial_k}) must be >= --top-k ({self.top_k}): "
                              f"the schedule anneals k down to top_k")
+        if os.path.isfile(self.exp_result_path):
+            raise ValueError(f"--exp-result-path {self.exp_result_path} is a file: give a folder")
         for flag, name in (("--dataset", self.dataset), ("--eval-dataset", self.eval_dataset)):
             if name and _looks_local(name) and not os.path.isdir(name):
                 raise ValueError(f"{flag} {name} does not exist: give a folder of "
@@ -334,9 +336,10 @@ def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) 
         tokens = torch.stack(contexts[i:i + n]).to(device)
         keep = ~torch.isin(tokens, drop_ids.to(device))
         logits, cache = model.run_with_cache(tokens, names_filter=hooks)
+        x, y = acts.token_vectors(cache, cfg.hook_point_in), acts.token_vectors(cache, cfg.hook_out)
         if cfg.max_norm_ratio is not None:      # outlier positions are left out, as in training
-            keep[keep.clone()] = acts.within_norm_ratio(cache[cfg.hook_point_in][keep], cfg.max_norm_ratio)
-        x, y = cache[cfg.hook_point_in][keep].to(sae.W_enc.dtype), cache[cfg.hook_out][keep].float()
+            keep[keep.clone()] = acts.within_norm_ratio(x[keep], cfg.max_norm_ratio)
+        x, y = x[keep].to(sae.W_enc.dtype), y[keep].float()
         y_hat, code = sae(x)
         y_hat = y_hat.float()
         for key, sel in (("", slice(None)), ("_typical", acts.within_norm_ratio(x, TYPICAL_NORM_RATIO))):
@@ -404,15 +407,14 @@ def load_lm(cfg: Config, device: str):
 
 def check_model_and_data(cfg: Config) -> int:
     """What can be checked before the weights load: the hook points and the context size against the
-    model's config, and that an HF dataset opens. Returns d_model."""
+    model's config, and that the datasets open. Returns d_model."""
     n_layers, d_model, n_ctx = acts.model_dims(cfg.model)
     for hook in (cfg.hook_point_in, cfg.hook_out):
         acts.check_hook_point(hook, n_layers)
     if n_ctx and cfg.context_size > n_ctx:
         raise ValueError(f"--context-size {cfg.context_size} is longer than {cfg.model} takes ({n_ctx} tokens)")
     for dataset in {cfg.dataset, cfg.eval_dataset or cfg.dataset}:
-        if not os.path.isdir(dataset):                  # a wrong HF name fails here, not after the LM
-            next(_texts(cfg, dataset)(), None)
+        next(_texts(cfg, dataset)(), None)     # its first document: a wrong name or --text-column
     return d_model
 
 

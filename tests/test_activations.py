@@ -125,6 +125,17 @@ def test_hook_point_check_lists_valid_ones():
             assert "blocks.15.hook_resid_post" in str(e)
 
 
+def test_jsonl_folders_read_the_text_column_and_name_a_bad_line(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "three"}\n{"body": "four"}\n')
+    assert list(itertools.islice(acts.iter_texts(str(tmp_path)), 3)) == ["one", "two", "three"]
+    with pytest.raises(ValueError, match=r"b.jsonl, line 2, has no key 'text' .*'body'.*--text-column"):
+        list(acts.iter_texts(str(tmp_path)))
+    (tmp_path / "b.jsonl").write_text('{"text": "three"}\n{"text": "fo\n')
+    with pytest.raises(ValueError, match=r"b.jsonl, line 2: not JSON"):
+        list(acts.iter_texts(str(tmp_path)))
+
+
 def test_max_norm_ratio_drops_outliers_and_counts_them(tiny_model):
     tok = tiny_model.tokenizer
     ctxs = list(acts.iter_contexts(lambda: texts(), tok, 16, passes=1))[:4]

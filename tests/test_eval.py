@@ -25,13 +25,16 @@ def identity_sae(d: int) -> SAE:
     return sae
 
 
-def tiny_cfg(path, **kw):
-    return train.Config(model=path, model_dtype="float32", hook_point_in="blocks.1.hook_resid_post",
+def tiny_cfg(path, hook="blocks.1.hook_resid_post", **kw):
+    return train.Config(model=path, model_dtype="float32", hook_point_in=hook,
                         context_size=32, eval_tokens=512, model_batch_contexts=4, **kw)
 
 
-def test_splicing_the_activation_itself_changes_nothing(tiny_model, tiny_model_path):
-    cfg = tiny_cfg(tiny_model_path)
+# attn.hook_z is per head, (B, T, 4 heads, 8): the SAE sees one 32-vector per token
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.1.attn.hook_z"])
+def test_splicing_the_activation_itself_changes_nothing(tiny_model, tiny_model_path, hook):
+    cfg = tiny_cfg(tiny_model_path, hook)
+    assert acts.hook_dims(tiny_model, hook, hook) == (32, 32)
     drop = acts.special_token_ids(tiny_model.tokenizer)
     r = train.evaluate(identity_sae(32), tiny_model, cfg, drop, "cpu")
     assert r["explained_variance"] == pytest.approx(1.0, abs=1e-6)

@@ -77,6 +77,15 @@ def test_bad_input_fails_fast_with_one_line(args, message):
     assert "Loading weights" not in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_wrong_text_column_fails_before_the_model_loads(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"content": "It is a truth universally acknowledged."}\n')
+    r = run_train("--dataset", str(tmp_path), timeout=60)
+    assert r.returncode == 2 and "has no key 'text'" in r.stderr and "--text-column" in r.stderr
+    assert "Loading weights" not in r.stderr and "Traceback" not in r.stderr
+    r = run_train("--exp-result-path", "README.md", timeout=60)
+    assert r.returncode == 2 and "is a file" in r.stderr
+
+
 def test_batch_size_must_divide_over_processes():
     r = run_train("--batch-size", "1001", env={"WORLD_SIZE": "2", "RANK": "0"}, timeout=60)
     assert r.returncode == 2 and "not divisible by the 2 processes" in r.stderr
