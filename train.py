@@ -36,8 +36,8 @@ from sae import SAE
 
 # The lowest value of each bounded Config field (None, where allowed, means "unset").
 AT_LEAST = dict(top_k=1, expansion_factor=1, batch_size=1, context_size=2, model_batch_contexts=1,
-                log_frequency=1, keep_checkpoints=1, checkpoint_every=0, eval_every=0, aux_k=1,
-                dead_tokens=1, sparsity_coefficient=0, pre_act_loss_coefficient=0, aux_k_coefficient=0,
+                log_frequency=1, keep_checkpoints=1, checkpoint_every=0, checkpoint_minutes=0, eval_every=0,
+                aux_k=1, dead_tokens=1, sparsity_coefficient=0, pre_act_loss_coefficient=0, aux_k_coefficient=0,
                 sparsity_warmup_steps=0, k_warmup_steps=0, k_cold_booting_steps=0, lr_warmup_steps=0,
                 lr_decay_steps=0, lr_end_ratio=0)
 ABOVE = dict(lr=0, jumprelu_threshold_window=0, jumprelu_init_threshold=0, jumprelu_lr_factor=0,
@@ -164,7 +164,9 @@ class Config:
     log_frequency: int = 50
     """steps between status lines."""
     checkpoint_every: int = 0
-    """steps between checkpoints (0 = only on SIGTERM / SIGINT)."""
+    """steps between checkpoints (0 = by time only, and on SIGTERM / SIGINT)."""
+    checkpoint_minutes: float = 30
+    """minutes between checkpoints, so that a killed long run loses at most this (0 = by steps only)."""
     keep_checkpoints: int = 2
     """how many of the newest checkpoints to keep."""
     wandb_project: str | None = None
@@ -731,7 +733,7 @@ def main(cfg: Config) -> dict:
                               enabled=cfg.amp_dtype != "float32")
     window = Window(d_sae, d_out, device)
     bar = progress_bar(total_steps * cfg.batch_size, step * cfg.batch_size, rank)
-    t0 = time.time()
+    t0 = saved_at = time.time()
     while step < total_steps:
         x, y, snap = next(batches)
         x, y = x * s_in, y * s_out
@@ -796,11 +798,14 @@ def main(cfg: Config) -> dict:
             if wandb_run:
                 wandb_run.log({f"eval/{k}": v for k, v in result.items()}, step=step)
 
-        # Checkpoint every checkpoint_every steps and on a signal (every rank agrees to stop).
-        stop_now = torch.tensor(float(stop["now"]), device=device)
+        # Checkpoint every checkpoint_every steps, every checkpoint_minutes, and on a signal.
+        due = cfg.checkpoint_minutes and time.time() - saved_at > 60 * cfg.checkpoint_minutes
+        flags = torch.tensor([float(stop["now"]), float(due)], device=device)
         if world > 1:
-            dist.all_reduce(stop_now)
-        if stop_now > 0 or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            dist.all_reduce(flags)             # any rank's signal or clock: every rank agrees
+        stop_now, due = flags.tolist()
+        if stop_now or due or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            saved_at = time.time()
             all_data = [snap]
             if world > 1:                                              # every rank's data position
                 all_data = [None] * world
@@ -811,7 +816,7 @@ def main(cfg: Config) -> dict:
                     since_fired=since_fired.cpu(), rng=torch.get_rng_state(), data=all_data,
                     config=run_config(cfg), wandb_id=wandb_run.id if wandb_run else None),
                     cfg.keep_checkpoints)
-            if stop_now > 0:
+            if stop_now:
                 print0(f"stopped by a signal at step {step}; checkpoint written, resume with "
                        f"--resume {cfg.exp_result_path}")
                 break

@@ -133,8 +133,9 @@ def test_torchrun_two_processes_train_resume_and_match_one_process(tiny_model_pa
     res1, res2 = (train.json.load(open(d / "eval.json")) for d in (one, two))
     assert abs(res1["explained_variance"] - res2["explained_variance"]) < 0.03, (res1, res2)
     assert res1["l0"] == res2["l0"] == 8
-    # killed mid-run and resumed under torchrun: the same weights as the uninterrupted 2-rank run
-    kill_at_a_checkpoint(args_for(tiny_model_path, cut, "--checkpoint-every", "1"), cut,
+    # killed mid-run and resumed under torchrun: the same weights as the uninterrupted 2-rank run.
+    # Checkpoints by the clock (at 1e-9 minutes, every step): the ranks must agree to save.
+    kill_at_a_checkpoint(args_for(tiny_model_path, cut, "--checkpoint-minutes", "1e-9"), cut,
                          random.randint(5, 40), torchrun=True)
     run(args_for(tiny_model_path, cut, "--checkpoint-every", "1", "--resume", str(cut)), torchrun=True)
     assert max_diff(weights(two), weights(cut)) == 0.0
