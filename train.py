@@ -639,7 +639,9 @@ def main(cfg: Config) -> dict:
     if cfg.activations:                        # the cache says what it holds; no LM while training
         manifest = acts.read_manifest(cfg.activations, {"model": cfg.model, "hook_point_in":
                                                         cfg.hook_point_in, "hook_point_out": cfg.hook_out})
-        model, drop_ids, d_in, d_out = None, None, manifest["d_in"], manifest["d_out"]
+        d_in, d_out = manifest["d_in"], manifest["d_out"]
+        # the LM only where it evaluates: rank 0, with --eval-every (else at the end)
+        model, drop_ids = load_lm(cfg, device) if cfg.eval_every and rank == 0 else (None, None)
     else:
         if "resid" in cfg.hook_point_in:                 # before the model loads, when we can
             check_k(cfg, cfg.expansion_factor * d_model)
@@ -792,7 +794,7 @@ def main(cfg: Config) -> dict:
             log(m, bar, wandb_run, cfg.exp_result_path)
             window, t0 = Window(d_sae, d_out, device), time.time()
 
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and rank == 0 and model:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and rank == 0:
             result = evaluate(folded(sae, s_in, s_out), model, cfg, drop_ids, device)
             print_eval(result, f"held-out evaluation at step {step}")
             if wandb_run:

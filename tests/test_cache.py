@@ -19,7 +19,7 @@ def tiny_cfg(path, out, **kw):
     return train.Config(**kw)
 
 
-def test_cache_round_trips_exactly_and_trains(tiny_model, tiny_model_path, tmp_path):
+def test_cache_round_trips_exactly_and_trains(tiny_model, tiny_model_path, tmp_path, capsys):
     cache = tmp_path / "cache"
     manifest = train.cache_main(tiny_cfg(tiny_model_path, tmp_path / "x", cache_activations=str(cache)))
     assert manifest["tokens"] == 20_000 and len(manifest["shards"]) == 1
@@ -35,8 +35,10 @@ def test_cache_round_trips_exactly_and_trains(tiny_model, tiny_model_path, tmp_p
     assert not torch.isin(shard["tokens"], acts.special_token_ids(tiny_model.tokenizer)).any()
     # several runs (a sweep of k) reuse one cache; no LM forward while training
     for k in (4, 8):
-        res = train.main(tiny_cfg(tiny_model_path, tmp_path / f"k{k}", activations=str(cache), top_k=k))
+        res = train.main(tiny_cfg(tiny_model_path, tmp_path / f"k{k}", activations=str(cache), top_k=k,
+                                  eval_every=40))
         assert res["l0"] == k
+        assert "held-out evaluation at step 40" in capsys.readouterr().out    # the LM is there for it
     # a second cache into the same folder is refused rather than mixed in
     with pytest.raises(ValueError, match="already holds"):
         train.cache_main(tiny_cfg(tiny_model_path, tmp_path / "x", cache_activations=str(cache)))
