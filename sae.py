@@ -450,4 +450,4 @@ class SAE(nn.Module):
         state = load_file(os.path.join(folder, "sae.safetensors"), device=str(device))
         sae = SAE(**cfg, dtype=state["W_enc"].dtype, device=device)
         sae.load_state_dict(state)
-        return sae
+        return sae.eval()        # for inference: a forward in train mode moves BatchTopK's threshold

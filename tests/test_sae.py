@@ -375,11 +375,10 @@ def test_save_load_round_trip(tmp_path):
         x = torch.randn(16, 16)
         before = sae(x)[0]
         sae.save(tmp_path / act_fn, {"note": 1})
-        loaded = SAE.load(tmp_path / act_fn)
-        loaded.eval()
+        loaded = SAE.load(tmp_path / act_fn)                # in eval mode: inference is what it is for
         assert loaded.act_fn == act_fn and loaded.top_k == 4
         assert torch.equal(loaded(x)[0], before)
-        assert torch.equal(loaded.threshold, sae.threshold)
+        assert torch.equal(loaded.threshold, sae.threshold)  # the forward did not move it
 
 
 def test_load_of_a_wrong_folder_says_so(tmp_path):
