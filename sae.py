@@ -45,6 +45,13 @@ class Code(NamedTuple):
         """The contributions h_i * n_i that the activation functions rank and threshold."""
         return self.pre_BM if self.pre_is_c else self.pre_BM * self.n_M.to(self.pre_BM.dtype)
 
+    def dense(self) -> torch.Tensor:
+        """(B, m) latent activations f, zero where a latent is off, whichever path made the code."""
+        if self.f_BM is not None:
+            return self.f_BM
+        f_BM = torch.zeros(self.pre_BM.shape, dtype=self.vals.dtype, device=self.vals.device)
+        return f_BM.index_put((self.rows, self.cols), self.vals)
+
     def active(self) -> torch.Tensor:
         """(B, m) 1.0 where a latent fired (f is never negative), as floats: bools sum 2x slower."""
         return torch.gt(self.f_BM, 0, out=torch.empty(self.f_BM.shape, device=self.f_BM.device))

@@ -193,6 +193,7 @@ def test_fast_paths_equal_straightforward_sae(act_fn, penalty, sparse, monkeypat
     g_ref = grads(loss)
 
     assert torch.allclose(y_fast, y_ref, atol=1e-5)
+    assert torch.allclose(code.dense(), a / n, atol=1e-5)
     for name, gf, gr in zip(("W_enc", "W_dec", "b_enc", "b_dec", "log_threshold"), g_fast, g_ref):
         assert torch.allclose(gf, gr, atol=1e-5), name
     assert g_fast[0].abs().sum() > 0 and (act_fn == "relu" or g_fast[4].abs().sum() > 0)
@@ -431,6 +432,7 @@ def test_topk_paths_match_dense_reference_forward_and_backward(act_fn, sparse, m
     ref = loss_of(y_ref, aux)
     ref.backward()
     assert torch.allclose(y_hat, y_ref, atol=1e-5)
+    assert torch.allclose(code.dense(), f, atol=1e-5)      # the (B, m) code, whichever path
     assert torch.allclose(fast, ref, atol=1e-5)
     for name, g in g_fast.items():
         assert torch.allclose(g, sae.get_parameter(name).grad, atol=1e-5), name
