@@ -441,11 +441,15 @@ class SAE(nn.Module):
     # save / load: config.json + sae.safetensors in one folder
 
     def save(self, folder: str, extra: dict | None = None):
+        """config.json + sae.safetensors, each written under a temporary name and renamed: a crash
+        mid-save leaves the previous files, never a half-written one."""
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w") as f:
+        config, weights = os.path.join(folder, "config.json"), os.path.join(folder, "sae.safetensors")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, weights + ".tmp")
+        with open(config + ".tmp", "w") as f:
             json.dump({**(extra or {}), "sae": self.config()}, f, indent=2)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  os.path.join(folder, "sae.safetensors"))
+        os.replace(weights + ".tmp", weights)
+        os.replace(config + ".tmp", config)
 
     @staticmethod
     def load(folder: str, device: str | torch.device = "cpu") -> "SAE":

@@ -1,5 +1,6 @@
 """The SAE's math on small random tensors: activation functions, gradients, decode, losses, init,
 folding, conversion, save/load."""
+import os
 
 import pytest
 import torch
@@ -376,6 +377,7 @@ def test_save_load_round_trip(tmp_path):
         x = torch.randn(16, 16)
         before = sae(x)[0]
         sae.save(tmp_path / act_fn, {"note": 1})
+        assert sorted(os.listdir(tmp_path / act_fn)) == ["config.json", "sae.safetensors"]
         loaded = SAE.load(tmp_path / act_fn)                # in eval mode: inference is what it is for
         assert loaded.act_fn == act_fn and loaded.top_k == 4
         assert torch.equal(loaded(x)[0], before)
