@@ -802,10 +802,15 @@ def main(cfg: Config) -> dict:
 
         # Checkpoint every checkpoint_every steps, every checkpoint_minutes, and on a signal.
         due = cfg.checkpoint_minutes and time.time() - saved_at > 60 * cfg.checkpoint_minutes
-        flags = torch.tensor([float(stop["now"]), float(due)], device=device)
+        diverged = not math.isfinite(loss.item())      # window.add read it: the step has ended
+        flags = torch.tensor([float(stop["now"]), float(due), float(diverged)], device=device)
         if world > 1:
-            dist.all_reduce(flags)             # any rank's signal or clock: every rank agrees
-        stop_now, due = flags.tolist()
+            dist.all_reduce(flags)             # any rank's signal, clock or nan: every rank agrees
+        stop_now, due, diverged = flags.tolist()
+        if diverged:                           # no checkpoint of nan weights: the last one stays
+            raise FloatingPointError(f"the loss is nan or inf at step {step}: lower --lr" + (
+                " or use --amp-dtype bfloat16 (float16 overflows)" if cfg.amp_dtype == "float16" else "") +
+                " (checkpoints written before this step are kept)")
         if stop_now or due or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             saved_at = time.time()
             all_data = [snap]
@@ -911,6 +916,6 @@ if __name__ == "__main__":
             cache_main(cfg)
         else:
             main(cfg)
-    except (ValueError, FileNotFoundError) as e:     # bad input: one line, no traceback
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:   # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

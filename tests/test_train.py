@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -189,3 +190,18 @@ def test_transcoder_trains_from_mlp_input_to_mlp_output(tiny_model_path, tmp_pat
     lines = [json.loads(l) for l in open(out / "log.jsonl")]
     assert lines[-1]["mse"] < lines[0]["mse"]
     assert res["l0"] == 8 and res["explained_variance"] > 0
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_its_checkpoints(tiny_model_path, tmp_path):
+    out = tmp_path / "nan"
+    c = cfg(model=tiny_model_path, model_dtype="float32", device="cpu", hook_point_in="blocks.1.hook_resid_post",
+            context_size=64, eval_tokens=1024, model_batch_contexts=4, top_k=8, batch_size=256,
+            buffer_size=2048, total_training_tokens=256 * 30, log_frequency=10, exp_result_path=str(out),
+            checkpoint_every=1, lr=1e18, lr_warmup_steps=8)     # overflows after a few steps
+    with pytest.raises(FloatingPointError, match=r"nan or inf at step (\d+): lower --lr") as e:
+        train.main(c)
+    at = int(re.search(r"step (\d+)", str(e.value)).group(1))
+    saved = sorted(os.listdir(out / "checkpoints"))
+    assert at > 1 and saved[-1] == f"step_{at - 1:09d}.pt"     # none of the nan weights
+    ckpt = torch.load(out / "checkpoints" / saved[-1], weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["sae"].values())
