@@ -19,7 +19,7 @@ def test_bench_quick_runs_every_section_and_prints_the_summary():
         line = next(line for line in summary.splitlines() if line.startswith(head))
         ratios = dict(re.findall(r"(\w+(?: fresh)?) (\d+\.\d+)x", line[len(head):]))
         assert set(ratios) == STEPS and all(float(v) > 0 for v in ratios.values()), line
-    assert re.search(r"encoder matmul alone at the roofline/dense, expansion 8: fp32 \d+\.\d+x, bf16 \d+\.\d+x",
-                     summary), summary
+    assert re.search(r"encoder matmul alone at the roofline/dense, expansion 8: fp32 \d+\.\d+x, bf16 \d+\.\d+x; "
+                     r"of it, fp32: topk \d+%, batchtopk \d+%", summary), summary
     assert re.search(r"bridge/raw HF: fp32 \d+\.\d+x, bf16 \d+\.\d+x", summary), summary
     assert re.search(r"train.py end-to-end: streaming [\d,]+ tokens/s, cached [\d,]+ tokens/s", summary), summary
