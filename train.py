@@ -409,13 +409,14 @@ def load_lm(cfg: Config, device: str):
 
 def check_model_and_data(cfg: Config) -> int:
     """What can be checked before the weights load: the hook points and the context size against the
-    model's config, and that the datasets open. Returns d_model."""
+    model's config, and that the datasets it reads (the held-out one, and the training one unless
+    it trains from a cache) open. Returns d_model."""
     n_layers, d_model, n_ctx = acts.model_dims(cfg.model)
     for hook in (cfg.hook_point_in, cfg.hook_out):
         acts.check_hook_point(hook, n_layers)
     if n_ctx and cfg.context_size > n_ctx:
         raise ValueError(f"--context-size {cfg.context_size} is longer than {cfg.model} takes ({n_ctx} tokens)")
-    for dataset in {cfg.dataset, cfg.eval_dataset or cfg.dataset}:
+    for dataset in {cfg.eval_dataset or cfg.dataset, *([] if cfg.activations else [cfg.dataset])}:
         next(_texts(cfg, dataset)(), None)     # its first document: a wrong name or --text-column
     return d_model
 
@@ -736,6 +737,7 @@ def main(cfg: Config) -> dict:
     window = Window(d_sae, d_out, device)
     bar = progress_bar(total_steps * cfg.batch_size, step * cfg.batch_size, rank)
     t0 = saved_at = time.time()
+    diverged = False
     while step < total_steps:
         x, y, snap = next(batches)
         x, y = x * s_in, y * s_out
@@ -808,9 +810,7 @@ def main(cfg: Config) -> dict:
             dist.all_reduce(flags)             # any rank's signal, clock or nan: every rank agrees
         stop_now, due, diverged = flags.tolist()
         if diverged:                           # no checkpoint of nan weights: the last one stays
-            raise FloatingPointError(f"the loss is nan or inf at step {step}: lower --lr" + (
-                " or use --amp-dtype bfloat16 (float16 overflows)" if cfg.amp_dtype == "float16" else "") +
-                " (checkpoints written before this step are kept)")
+            break
         if stop_now or due or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             saved_at = time.time()
             all_data = [snap]
@@ -830,6 +830,10 @@ def main(cfg: Config) -> dict:
     bar.close()
     for sig, handler in old_handlers.items():       # a caller's Ctrl-C works again after main()
         signal.signal(sig, handler)
+    if diverged:
+        raise FloatingPointError(f"the loss is nan or inf at step {step}: lower --lr" + (
+            " or use --amp-dtype bfloat16 (float16 overflows)" if cfg.amp_dtype == "float16" else "") +
+            " (checkpoints written before this step are kept)")
     if step < total_steps:                          # stopped by a signal, checkpoint written
         _finish(world)
         return {"stopped_at": step}

@@ -3,6 +3,7 @@ import copy
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -198,8 +199,10 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_checkpoints(tiny_mode
             context_size=64, eval_tokens=1024, model_batch_contexts=4, top_k=8, batch_size=256,
             buffer_size=2048, total_training_tokens=256 * 30, log_frequency=10, exp_result_path=str(out),
             checkpoint_every=1, lr=1e18, lr_warmup_steps=8)     # overflows after a few steps
+    handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(FloatingPointError, match=r"nan or inf at step (\d+): lower --lr") as e:
         train.main(c)
+    assert signal.getsignal(signal.SIGINT) is handler           # the caller's Ctrl-C is back
     at = int(re.search(r"step (\d+)", str(e.value)).group(1))
     saved = sorted(os.listdir(out / "checkpoints"))
     assert at > 1 and saved[-1] == f"step_{at - 1:09d}.pt"     # none of the nan weights
