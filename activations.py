@@ -241,9 +241,9 @@ def iter_contexts(make_texts, tokenizer, context_size: int, rank: int = 0, world
                     yield i, torch.tensor([bos] + pending[at:at + n])
                 i, j = i + 1, j + 1
             pending = pending[len(pending) // n * n:]
-        if j <= held_out:
-            raise ValueError(f"the dataset has only {j} contexts of {context_size} tokens, "
-                             f"not more than the {held_out} held out for evaluation")
+        if j - held_out < (1 if eval else world_size):       # else a rank would wait forever
+            raise ValueError(f"the dataset has only {j} contexts of {context_size} tokens: after the "
+                             f"{held_out} held out for evaluation, too few for {world_size} process(es)")
         p += 1
 
 

@@ -67,6 +67,21 @@ def test_resume_start_skips_exactly_the_consumed_contexts(tiny_model):
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rest, full[7:]))
 
 
+def test_too_small_a_dataset_is_an_error_not_a_hang(tiny_model):
+    """3 documents make a handful of contexts: holding out all of them, or splitting the rest over
+    more processes than there are contexts, would leave a rank waiting forever."""
+    n = sum(1 for _ in acts.iter_contexts(texts, tiny_model.tokenizer, 16, passes=1))
+    for held_out, world in ((n, 1), (n - 2, 3)):
+        for rank in range(world):          # every rank, also one that got a context, at the pass's end
+            with pytest.raises(ValueError, match=f"too few for {world} process"):
+                list(itertools.islice(acts.iter_contexts(texts, tiny_model.tokenizer, 16, rank=rank,
+                                                         world_size=world, held_out=held_out), 10))
+    for rank in range(2):                  # 2 contexts for 2 processes: each gets one every pass
+        two = itertools.islice(acts.iter_contexts(texts, tiny_model.tokenizer, 16, rank=rank, world_size=2,
+                                                  held_out=n - 2), 3)
+        assert len(list(two)) == 3
+
+
 def test_special_tokens_never_reach_the_sae(tiny_model):
     tok = tiny_model.tokenizer
     drop = acts.special_token_ids(tok, [13])                   # 13: an extra ignored id
