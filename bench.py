@@ -11,8 +11,10 @@ warmup, with the ratios that matter, and a compact summary of them at the end.
            act_fn, in fp32 and under autocast bf16, next to a plain dense TopK step measured in the
            same run (x @ W_enc + b, topk of relu, dense f @ W_dec + b): the ratio nanoSAE/dense
            (the median over rounds of the steps taking turns), and each step's bf16/fp32. The
-           bound on any exact step: the encoder's forward matmul alone, at the roofline, over the
-           reference (a step that skipped everything else could be that much faster, no more).
+           bound on a step that runs the encoder's forward matmul in its dtype: that matmul alone,
+           at the roofline, over the reference (fp32 topk and batchtopk on a CPU with AMX run it
+           in bf16 and recompute in fp32 only what the selection needs, so they can pass it).
+           GFLOP/s counts the FLOPs of the step's dtype; "of roof" compares them with its roofline.
            relu and jumprelu are timed at L0 = k, as a trained SAE fires (sae.py's sparse path),
            and fresh, where about half the latents fire (its dense path).
 3. lm      activation tokens/s of activations.iter_activations (TransformerBridge, stopping after
@@ -302,8 +304,9 @@ def main():
         summary += [f"nanoSAE/dense, expansion {e} {dt}: " + ", ".join(f"{f} {r[f, e, dt]:.2f}x"
                                                                        for f in ACT_FNS + FRESH)
                     for e in a.expansions for dt in DTYPES]
-        # The bound on any exact step: the encoder's forward matmul alone, at the roofline; and how
-        # much of it the topk and batchtopk steps reach (the bound's time over the step's).
+        # The bound on a step that computes the encoder's matmul in its dtype: that matmul alone, at
+        # the roofline; and how much of it the topk and batchtopk steps reach (the bound's time over
+        # the step's). In fp32 on a CPU with AMX they estimate c in bf16 (sae.estimate_c) and can pass it.
         for e in a.expansions:
             bound = {dt: roof[e * a.d, dt] * 1e9 / (2 * a.d * e * a.d) / tps["dense topk (ref)", e, dt]
                      for dt in DTYPES}

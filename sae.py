@@ -39,6 +39,7 @@ class Code(NamedTuple):
     pre_is_c: bool = False
     select: object = None  # topk/batchtopk: (rows, cols) -> h at those pairs, with gradient
     bags: tuple | None = None  # sparse code: latent_bags of the pairs that fired
+    estimate: tuple | None = None  # pre_BM is estimate_c's bf16 c: (err_B, exact_c(rows, cols))
 
     @property
     def c_BM(self) -> torch.Tensor:
@@ -171,13 +172,32 @@ class SparseDecode(torch.autograd.Function):
         return g_vals.to(vals.dtype), g_W.to(W_dec.dtype), None, None, None, None
 
 
-def largest_pairs(c_BM: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_max(c_BM: torch.Tensor) -> torch.Tensor:
+    """On CPU, (B, m / 8): the maximum of each group of 8 columns g, g + m/8, ..., (one vectorized
+    pass); elsewhere, or where 8 does not divide m, c_BM itself (groups of one)."""
+    B, M = c_BM.shape
+    return c_BM.view(B, 8, M // 8).amax(1) if c_BM.device.type == "cpu" and M % 8 == 0 else c_BM
+
+
+def reaching(c_BM: torch.Tensor, g_max: torch.Tensor, t_B1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices, values), row-major, of the values of c_BM that reach t_B1 (B, 1), looked for
+    only in the groups (group_max) whose maximum reaches it."""
+    B, M = c_BM.shape
+    G = g_max.shape[1]
+    rows, groups = (g_max >= t_B1).nonzero(as_tuple=True)
+    at = ((rows * M + groups)[:, None] + G * torch.arange(M // G, device=rows.device)).flatten()
+    c = c_BM.view(-1)[at]
+    reach = (c.view(len(rows), -1) >= t_B1[rows]).flatten().nonzero().squeeze(1)
+    return at[reach], c[reach]
+
+
+def largest_pairs(c_BM: torch.Tensor, n: int, g_max: torch.Tensor | None = None):
     """(rows, cols, values) of the n largest values of c_BM, row-major (each token's pairs together).
     A topk over all B*m values is slow on CPU. Instead a t that ~1.25 n values reach, estimated
     from every 61st value; a small topk trims the values that reach it to n (exact: t is lowered
-    until n values reach it). On CPU they are looked for only in the groups of 8 columns (as in
-    row_topk) whose maximum reaches t. 2 CPU cores: (1024, 4608) 17 -> 12 ms, (4096, 6144) 102 ->
-    72 ms, (4096, 24576) 300 -> 133 ms, against a topk over all values' ~6x that."""
+    until n values reach it). They are looked for only in the groups of columns whose maximum
+    reaches t (group_max). 2 CPU cores: (1024, 4608) 17 -> 12 ms, (4096, 6144) 102 -> 72 ms,
+    (4096, 24576) 300 -> 133 ms, against a topk over all values' ~6x that."""
     B, M = c_BM.shape
     if c_BM.device.type != "cpu" and B * M <= 2 ** 25:
         # On a GPU one topk over all values wins at (4096, 6144), H200: 1.0 -> 0.5-0.7 ms; at 32x
@@ -185,18 +205,11 @@ def largest_pairs(c_BM: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
         c, at = c_BM.view(-1).topk(n, sorted=False)
         at, order = at.sort()
         return at // M, at % M, c[order]
-    S = 8 if c_BM.device.type == "cpu" and M % 8 == 0 else 1
-    G, sample = M // S, c_BM.view(-1)[::61]
-    g_max = c_BM.view(B, S, G).amax(1) if S > 1 else c_BM                      # (B, m / S)
+    g_max, sample = group_max(c_BM) if g_max is None else g_max, c_BM.view(-1)[::61]
     for margin in (1.25, 2.0, 8.0, math.inf):
         t = sample.topk(min(len(sample), math.ceil(margin * n / 61) + 16), sorted=False).values.min() \
-            if margin < math.inf else -math.inf
-        rows, groups = (g_max >= t).nonzero(as_tuple=True)
-        at = ((rows * M + groups)[:, None] + G * torch.arange(S, device=rows.device)).flatten()
-        c = c_BM.view(-1)[at]                        # their values; flat indices, row-major
-        if S > 1:                                    # of a group, only those that reach t
-            reach = (c >= t).nonzero().squeeze(1)
-            at, c = at[reach], c[reach]
+            if margin < math.inf else torch.tensor(-math.inf, dtype=c_BM.dtype, device=c_BM.device)
+        at, c = reaching(c_BM, g_max, t.expand(B, 1))
         if len(at) >= n:
             break
     keep = c.topk(n, sorted=False).indices                           # back in row order: a mask
@@ -204,20 +217,84 @@ def largest_pairs(c_BM: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
     return at[keep] // M, at[keep] % M, c[keep]
 
 
-def row_topk(c_BM: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def row_topk(c_BM: torch.Tensor, k: int, g_max: torch.Tensor | None = None):
     """(values, indices) of each row's k largest, as c_BM.topk(k, dim=-1, sorted=False). On CPU, topk
     walks every value. But a row's k largest lie in the k groups of columns with the largest maxima
-    (k larger values stand before any other group), so: the maxima of the groups of 8 columns (g,
-    g + m/8, ...: one vectorized pass), the k best groups by the same rule, and a topk over their 8k
-    values. 2 CPU cores, k = 64: (B, m) = (1024, 4608) 17 -> 8 ms, (4096, 24576) 208 -> 88 ms."""
+    (k larger values stand before any other group), so: the maxima of the groups of 8 columns
+    (group_max), the k best groups by the same rule, and a topk over their 8k values. 2 CPU
+    cores, k = 64: (B, m) = (1024, 4608) 17 -> 8 ms, (4096, 24576) 208 -> 88 ms."""
     B, M = c_BM.shape
     if c_BM.device.type != "cpu" or M < 16 * k or M % 8:
         return c_BM.topk(k, dim=-1, sorted=False)
     G = M // 8
-    groups = row_topk(c_BM.view(B, 8, G).amax(1), k)[1]                        # (B, k)
+    groups = row_topk(group_max(c_BM) if g_max is None else g_max, k)[1]       # (B, k)
     idx = (groups.unsqueeze(-1) + G * torch.arange(8, device=c_BM.device)).view(B, 8 * k)
     vals, j = c_BM.gather(1, idx).topk(k, dim=-1, sorted=False)
     return vals, idx.gather(1, j)
+
+
+def estimate_c(x_BD: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec, n_M: torch.Tensor):
+    """c = (x - b_dec) (W_enc n) + b_enc n from one bf16 matmul, and err_B (B,): |c - estimate| <=
+    err_B + REL |estimate|. With x = x' + dx, w = w' + dw (' rounded to bf16), x.w - x'.w' = x'.dw +
+    dx.w is at most ||x'|| ||dw|| + ||dx|| ||w|| (Cauchy-Schwarz), and so for the bias; fp32
+    accumulation adds at most d 2^-24 ||x'|| ||w'||, the one rounding of the output 2^-8 |c|.
+    (x - b_dec, not b_dec in the bias: the massive activations of a few dimensions of the residual
+    stream, which b_dec takes out, would swell ||x|| and the bound with it: 1.4x fewer candidates.)"""
+    x_BD = x_BD if b_dec is None else x_BD - b_dec
+    Wn_DM, b_M = W_enc * n_M, b_enc * n_M
+    (B, D), M = x_BD.shape, len(b_M)
+    # b_enc n rides in the matmul, a row of W against a column of ones in x (K padded to a multiple of
+    # 32): no separate pass to add it (1.02-1.13x at 32x)
+    x_BK = x_BD.new_zeros(B, D + 32, dtype=torch.bfloat16)
+    W_MK = x_BD.new_zeros(M, D + 32, dtype=torch.bfloat16)
+    x_BK[:, :D], x_BK[:, D], W_MK[:, :D], W_MK[:, D] = x_BD, 1, Wn_DM.T, b_M
+    c_BM = x_BK @ W_MK.T
+    x_b, W_b, b_b = x_BK[:, :D], W_MK[:, :D].T, W_MK[:, D]
+    norm = torch.linalg.vector_norm
+    x_B, dx_B = norm(x_BD, dim=1), norm(x_BD - x_b, dim=1)
+    w, dw = norm(Wn_DM, dim=0).max(), norm(Wn_DM - W_b, dim=0).max()
+    err_B = (x_B + dx_B) * (dw + len(Wn_DM) * 2 ** -24 * w) + dx_B * w + (b_M - b_b).abs().max()
+    return c_BM, err_B * 1.01
+
+
+REL = 1.01 * 2 ** -8    # estimate_c's relative error: its rounding to bf16 (2^-8), 1% to spare
+
+
+def exact_pairs(c_BM, g_max, rows, c, err_B, exact_c, k: int | None = None):
+    """From a selection made on an estimate c_BM of c (estimate_c), the same selection on the exact
+    c: each row's k largest (k), or the batch's len(rows) largest. The selected values (rows, c)
+    have exact values of at least low = c - err - REL |c|, so the k-th largest exact value of a row
+    (or the n-th of the batch) is at least L = min(low). A pair whose estimate c_BM + err + REL
+    |c_BM| falls short of L cannot be among them. Every other pair gets its exact c (exact_c(rows,
+    cols)), and the selection is made again among those candidates (2-3 per selected pair)."""
+    B, M = c_BM.shape
+    c = c.float()
+    low = c - err_B[rows] - REL * c.abs()
+    L_B = low.view(B, k).amin(1) if k else low.min().expand(B)
+    Z_B = L_B - err_B                   # c_BM + REL |c_BM| >= Z_B exactly where c_BM >= t_B (rounded down)
+    t_B = torch.where(Z_B >= 0, Z_B / (1 + REL), Z_B / (1 - REL))
+    t_low = t_B.to(c_BM.dtype)
+    t_B = torch.where(t_low > t_B, t_low.nextafter(t_low.new_tensor(-math.inf)), t_low)
+    at, _ = reaching(c_BM, g_max, t_B[:, None])
+    n, rows, cols = len(rows), at // M, at % M
+    c = exact_c(rows, cols)
+    if k is None:
+        keep = c.topk(n, sorted=False).indices
+        keep = torch.zeros(len(at), dtype=torch.bool, device=at.device).index_fill_(0, keep, True)
+        return rows[keep], cols[keep], c[keep]
+    counts = torch.bincount(rows, minlength=B)       # each row's candidates side by side, -inf after
+    starts = counts.cumsum(0) - counts
+    pos = torch.arange(len(rows), device=rows.device) - starts[rows]
+    c_BN = c.new_full((B, int(counts.max())), -math.inf).index_put_((rows, pos), c)
+    c, j = c_BN.topk(k, dim=1, sorted=False)
+    at = (starts[:, None] + j).flatten()
+    return rows[at], cols[at], c.flatten()
+
+
+# fp32 topk and batchtopk on a CPU with bf16 matrix units (AMX: bf16 matmuls 3.5-8x fp32's here)
+# select on estimate_c's bf16 c, then exact_pairs, where m >= this. 2 CPU cores, d=768, the step:
+# 32x topk 1.21x, batchtopk 1.50x; 16x 1.19x both; 8x 0.86-1.08x, so not there.
+ESTIMATE_FROM = 12288 if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else math.inf
 
 
 # relu / jumprelu take the sparse code when at most this share of (token, latent) pairs fire (a
@@ -307,12 +384,25 @@ class SAE(nn.Module):
         # topk / batchtopk: select without autograd, then the gradient of the selected latents only
         # (SparseEncode). c = x (W_enc n) + bias n saves a (B, m) pass (1.84x -> 2.25x the dense
         # reference, fp32, 8x). No SPARSE_BELOW entry (GPU bf16): dense (H200 8x: 1.03x; sparse 0.68x).
+        @torch.no_grad()
+        def exact_c(rows, cols):   # c at pairs (rows sorted): rows of x . columns of W_enc, + bias, * n
+            offsets = torch.searchsorted(rows, torch.arange(B, device=rows.device))
+            h = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                x_BD, self.W_enc.T, cols, offsets, rows, 0)
+            return (h + bias_M[cols]) * n_M[cols]
+
+        estimate = None
         if dense := not share:
             h_BM = torch.addmm(bias_M, x_BD, self.W_enc)
             c_BM = h_BM.detach() * n_M.to(h_BM.dtype)
         else:
             with torch.no_grad():
-                c_BM = torch.addmm(bias_M * n_M, x_BD, self.W_enc * n_M)
+                if dev == "cpu" and x_BD.dtype == torch.float32 and not torch.is_autocast_enabled(dev) \
+                        and M >= ESTIMATE_FROM:
+                    c_BM, err_B = estimate_c(x_BD, self.W_enc, self.b_enc, b_dec, n_M)
+                    estimate = (err_B, exact_c)
+                else:
+                    c_BM = torch.addmm(bias_M * n_M, x_BD, self.W_enc * n_M)
 
         # h = c / n at pairs, with the gradient; a selection hands on its c (no 2nd gather: 1.04-1.07x).
         # Dense: a gather at flat indices; its backward is a scatter-add, where h_BM[rows, cols]'s (an
@@ -321,23 +411,26 @@ class SAE(nn.Module):
         def h_at(rows, cols, c=None, bags=None):
             if dense:
                 return h_BM.view(-1).gather(0, rows * M + cols)
-            return SparseEncode.apply(x_BD, self.W_enc, self.b_enc, b_dec,
-                (c_BM[rows, cols] if c is None else c) / n_M[cols], rows, cols, bags)
+            c = c if c is not None else exact_c(rows, cols) if estimate else c_BM[rows, cols]
+            return SparseEncode.apply(x_BD, self.W_enc, self.b_enc, b_dec, c / n_M[cols], rows, cols, bags)
+        g_max = group_max(c_BM) if estimate else None      # computed once for both selections
         if self.act_fn == "topk":
-            c_Bk, idx_Bk = row_topk(c_BM, k)
+            c_Bk, idx_Bk = row_topk(c_BM, k, g_max)
             if dense:                          # along rows: 1.15x over (rows, cols) pairs (H200, 8x)
                 f_BM = torch.zeros_like(h_BM).scatter(1, idx_Bk, F.relu(h_BM.gather(1, idx_Bk)))
                 return Code(f_BM, None, None, None, c_BM, n_M, pre_is_c=True, select=h_at)
             rows = torch.arange(B, device=c_BM.device).repeat_interleave(k)
             cols, c = idx_Bk.flatten(), c_Bk.flatten()
         else:   # the k*B largest of the batch (Bussmann et al. 2024); under torchrun, the rank's batch
-            rows, cols, c = largest_pairs(c_BM, k * B)
+            rows, cols, c = largest_pairs(c_BM, k * B, g_max)
+        if estimate:
+            rows, cols, c = exact_pairs(c_BM, g_max, rows, c, *estimate, k if self.act_fn == "topk" else None)
         bags = None if dense else latent_bags(c > 0, cols, M)
         vals = F.relu(h_at(rows, cols, c, bags))     # f = relu(c) / n = relu(h)
         if self.act_fn == "batchtopk" and self.training:
             self.update_threshold_(torch.where(vals > 0, c, torch.inf).min())
         f_BM = torch.zeros_like(h_BM).view(-1).scatter(0, rows * M + cols, vals).view(B, M) if dense else None
-        return Code(f_BM, vals, rows, cols, c_BM, n_M, pre_is_c=True, select=h_at, bags=bags)
+        return Code(f_BM, vals, rows, cols, c_BM, n_M, pre_is_c=True, select=h_at, bags=bags, estimate=estimate)
 
     def decode(self, code: Code, B: int) -> torch.Tensor:
         if code.f_BM is not None:
@@ -388,8 +481,14 @@ class SAE(nn.Module):
             return resid_BD.new_zeros(())
         k_aux, B = min(k_aux, n_dead), len(resid_BD)
         dead_idx = dead_M.nonzero().squeeze(1)                 # select among the dead columns only
-        cols = dead_idx[row_topk(code.c_BM.detach()[:, dead_idx], k_aux)[1]].flatten()
-        rows = torch.arange(B, device=cols.device).repeat_interleave(k_aux)
+        c_BN = code.c_BM.detach()[:, dead_idx]
+        c, cols = row_topk(c_BN, k_aux)
+        rows, cols = torch.arange(B, device=cols.device).repeat_interleave(k_aux), cols.flatten()
+        if code.estimate:                                      # the same selection on the exact c
+            err_B, exact_c = code.estimate
+            rows, cols, _ = exact_pairs(c_BN, group_max(c_BN), rows, c.flatten(), err_B,
+                                        lambda rows, cols: exact_c(rows, dead_idx[cols]), k_aux)
+        cols = dead_idx[cols]
         vals = F.relu(code.select(rows, cols))                 # f = relu(c) / n = relu(h)
         e_hat = SparseDecode.apply(vals, self.W_dec, rows, cols, B)
         return (resid_BD.detach() - e_hat).pow(2).sum(-1).mean()

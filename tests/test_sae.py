@@ -1,12 +1,13 @@
 """The SAE's math on small random tensors: activation functions, gradients, decode, losses, init,
 folding, conversion, save/load."""
+import math
 import os
 
 import pytest
 import torch
 
 import sae as sae_module
-from sae import SAE, JumpReLU, largest_pairs, row_topk
+from sae import REL, SAE, JumpReLU, estimate_c, largest_pairs, row_topk
 
 
 def make(act_fn, d=16, m=64, k=4, **kw):
@@ -405,12 +406,15 @@ def dense_reference(sae, x, k, batch=False):
 
 
 @pytest.mark.parametrize("act_fn", ["topk", "batchtopk"])
-@pytest.mark.parametrize("sparse", [True, False])
-def test_topk_paths_match_dense_reference_forward_and_backward(act_fn, sparse, monkeypatch):
-    """The sparse path (CPU) and the dense one (where SPARSE_BELOW has no entry: GPU bf16), AuxK
-    included, against the textbook dense SAE."""
+@pytest.mark.parametrize("path", ["sparse", "dense", "estimate"])
+def test_topk_paths_match_dense_reference_forward_and_backward(act_fn, path, monkeypatch):
+    """The sparse path (CPU), the dense one (where SPARSE_BELOW has no entry: GPU bf16) and the
+    sparse one that selects on a bf16 estimate of c (CPU with AMX, large m), AuxK included,
+    against the textbook dense SAE."""
+    sparse = path != "dense"
     if not sparse:
         monkeypatch.delitem(sae_module.SPARSE_BELOW, ("cpu", torch.float32))
+    monkeypatch.setattr(sae_module, "ESTIMATE_FROM", 0 if path == "estimate" else math.inf)
     sae = make(act_fn, d=24, m=96, k=6)
     x = torch.randn(40, 24)
     dead = torch.zeros(96, dtype=torch.bool)
@@ -420,7 +424,7 @@ def test_topk_paths_match_dense_reference_forward_and_backward(act_fn, sparse, m
         return (y_hat - x).pow(2).sum(-1).mean() + aux
 
     y_hat, code = sae(x)
-    assert (code.f_BM is None) == sparse
+    assert (code.f_BM is None) == sparse and (code.estimate is not None) == (path == "estimate")
     fast = loss_of(y_hat, sae.auxk_loss(code, x - y_hat, dead, k_aux=5))
     fast.backward()
     g_fast = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
@@ -441,11 +445,13 @@ def test_topk_paths_match_dense_reference_forward_and_backward(act_fn, sparse, m
     assert set(g_fast) == {"W_enc", "W_dec", "b_enc", "b_dec"}
 
 
-@pytest.mark.parametrize("act_fn", ["topk", "relu"])
+@pytest.mark.parametrize("act_fn", ["topk", "relu", "topk estimate"])
 def test_transcoder_sparse_backward_matches_straightforward(act_fn, monkeypatch):
     """A transcoder's encoder has no b_dec term (SparseEncode gets no b_dec). Its sparse path, with
     x requiring a gradient too, must match plain autograd on the README's formulas."""
     monkeypatch.setitem(sae_module.SPARSE_BELOW, ("cpu", torch.float32), 1.1)   # relu: sparse
+    monkeypatch.setattr(sae_module, "ESTIMATE_FROM", 0 if act_fn.endswith("estimate") else math.inf)
+    act_fn = act_fn.split()[0]
     torch.manual_seed(0)
     sae = SAE(16, 64, act_fn, 4, d_out=24, transcoder=True)
     with torch.no_grad():
@@ -474,3 +480,68 @@ def test_transcoder_sparse_backward_matches_straightforward(act_fn, monkeypatch)
     for name, gf, gr in zip(("W_enc", "W_dec", "b_enc", "b_dec", "x"), g_fast, g_ref):
         assert torch.allclose(gf, gr, atol=1e-5), name
     assert g_fast[-1].abs().sum() > 0
+
+
+def estimate_inputs(M, massive=True):
+    """An SAE with unequal decoder norms, a b_dec, and tokens with massive activations in two
+    dimensions (as a residual stream has), for the bf16 estimate of c."""
+    torch.manual_seed(0)
+    sae = SAE(48, M, "topk", 8)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.5)
+        sae.W_dec.mul_(torch.rand(M, 1) + 0.5)
+    x = torch.randn(256, 48)
+    if massive:
+        x[:, 3] += 40
+        x[::5, 7] *= 50
+    return sae, x
+
+
+def test_estimate_c_is_within_its_error_bound_and_rounds_once():
+    """estimate_c's bound |c - estimate| <= err_B + REL |estimate| holds for every pair; and the
+    bf16 matmul rounds its output once (what the REL term assumes): the estimate is within 2^-8 of
+    the exact c of the bf16-rounded inputs."""
+    sae, x = estimate_inputs(512)
+    n = sae.W_dec.norm(dim=1).detach()
+    with torch.no_grad():
+        est, err_B = estimate_c(x, sae.W_enc, sae.b_enc, sae.b_dec, n)
+    W, b, xc = (sae.W_enc * n).detach().double(), (sae.b_enc * n).detach().double(), (x - sae.b_dec).detach()
+    c = xc.double() @ W + b
+    assert est.dtype == torch.bfloat16
+    est = est.double()
+    assert ((c - est).abs() <= err_B.double()[:, None] + REL * est.abs()).all()
+    assert (c - est).abs().max() > 1e-3 * c.abs().max()          # a real estimate, not exact
+    c_rounded = xc.bfloat16().double() @ W.bfloat16().double() + b.bfloat16().double()
+    slack = 48 * 2 ** -24 * (xc.abs().double() @ W.abs())       # fp32 accumulation
+    assert ((c_rounded - est).abs() <= 2 ** -8 * c_rounded.abs() + slack).all()
+
+
+@pytest.mark.parametrize("act_fn", ["topk", "batchtopk"])
+@pytest.mark.parametrize("M", [512, 500])                  # 500: no groups of 8 columns
+def test_estimate_selects_what_fp32_selects(act_fn, M, monkeypatch):
+    """Selecting on the bf16 estimate, then on the exact c of every pair its bound leaves in doubt,
+    gives the selection and the values of the fp32 path, also among latents whose c differ by far
+    less than bf16 can tell apart (pairs of near-copies of encoder columns), where a selection on
+    the estimate alone goes wrong."""
+    sae, x = estimate_inputs(M)
+    sae.act_fn = act_fn
+    with torch.no_grad():
+        sae.W_enc[:, 1::2] = sae.W_enc[:, ::2] * (1 + 1e-4 * torch.randn(M // 2))
+    codes = {}
+    for path in ("fp32", "estimate"):
+        monkeypatch.setattr(sae_module, "ESTIMATE_FROM", 0 if path == "estimate" else math.inf)
+        with torch.no_grad():
+            codes[path] = sae.encode(x)
+    ref, est = codes["fp32"], codes["estimate"]
+    assert ref.estimate is None and est.estimate is not None
+    assert torch.equal(ref.dense() != 0, est.dense() != 0)
+    assert torch.allclose(ref.dense(), est.dense(), rtol=1e-5, atol=1e-6)
+    # the same selection made on the estimate alone differs
+    c = est.c_BM.float()
+    if act_fn == "topk":
+        naive = torch.zeros_like(c, dtype=torch.bool).scatter(1, row_topk(c, 8)[1], True)
+    else:
+        naive = torch.zeros_like(c, dtype=torch.bool)
+        naive.view(-1)[c.flatten().topk(8 * len(x)).indices] = True
+    assert not torch.equal(naive, ref.dense() != 0)
