@@ -424,7 +424,7 @@ def test_topk_paths_match_dense_reference_forward_and_backward(act_fn, path, mon
         return (y_hat - x).pow(2).sum(-1).mean() + aux
 
     y_hat, code = sae(x)
-    assert (code.f_BM is None) == sparse and (code.estimate is not None) == (path == "estimate")
+    assert (code.f_BM is None) == sparse and (code.exact_cols is not None) == (path == "estimate")
     fast = loss_of(y_hat, sae.auxk_loss(code, x - y_hat, dead, k_aux=5))
     fast.backward()
     g_fast = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
@@ -534,7 +534,7 @@ def test_estimate_selects_what_fp32_selects(act_fn, M, monkeypatch):
         with torch.no_grad():
             codes[path] = sae.encode(x)
     ref, est = codes["fp32"], codes["estimate"]
-    assert ref.estimate is None and est.estimate is not None
+    assert ref.exact_cols is None and est.exact_cols is not None
     assert torch.equal(ref.dense() != 0, est.dense() != 0)
     assert torch.allclose(ref.dense(), est.dense(), rtol=1e-5, atol=1e-6)
     # the same selection made on the estimate alone differs
