@@ -275,10 +275,10 @@ def main():
     cpu, sections = a.device == "cpu", a.sections.split(",")
     # SAE shapes: d = 768 (GPT-2 / Pythia-160M width), batch 4096, k = 64. (warmup, repeats) of the
     # matmuls, and of the SAE steps per expansion: on 2 CPU cores a round of the seven steps takes
-    # ~5 s at 8x and ~20 s at 32x, so 7 rounds at 8x and 3 at 32x.
+    # ~5 s at 8x and ~15 s at 32x, so 7 rounds at 8x and 5 at 32x (3 left its medians 20% apart).
     a.d, a.batch, a.k, a.expansions = (256, 1024, 32, (8,)) if a.quick else (768, 4096, 64, (8, 32))
     a.reps = (1, 2) if a.quick else (1, 3) if cpu else (5, 20)
-    a.sae_reps = {8: a.reps, 32: a.reps} if a.quick or not cpu else {8: (1, 7), 32: (1, 3)}
+    a.sae_reps = {8: a.reps, 32: a.reps} if a.quick or not cpu else {8: (1, 7), 32: (1, 5)}
     # LM: contexts per forward (train.py uses 16 on CPU, where 4 keeps the bench short; on a GPU
     # 8,192 tokens, as train.py's default there) and repeats.
     a.lm_contexts, a.lm_reps = (2, (1, 1)) if a.quick else (4, (1, 9)) if cpu else (32, (3, 10))

@@ -266,7 +266,7 @@ def exact_pairs(c_BM, g_max, rows, cols, err_B, exact_c, k: int | None = None):
     exact c (exact_c(rows, cols)) bound the k-th largest exact value of a row (or the n-th of the
     batch) from below: L = their smallest. A pair whose estimate c_BM + err_B + REL |c_BM| falls
     short of L cannot be among them; every other pair gets its exact c too, and the selection is
-    made again among those candidates (2-3 per selected pair). L from exact values, not from the
+    made again among those candidates (~1.5 per selected pair). L from exact values, not from the
     estimate's bounds, halves the window, and one token's large error (a massive activation) no
     longer widens every token's (batchtopk at 32x: 5,620 candidates per token in one batch)."""
     B, M = c_BM.shape
@@ -293,8 +293,8 @@ def exact_pairs(c_BM, g_max, rows, cols, err_B, exact_c, k: int | None = None):
 
 
 # fp32 topk and batchtopk on a CPU with bf16 matrix units (AMX: bf16 matmuls 3.5-8x fp32's here)
-# select on estimate_c's bf16 c, then exact_pairs, where m >= this. 2 CPU cores, d=768, the step:
-# 32x topk 1.21x, batchtopk 1.50x; 16x 1.19x both; 8x 0.86-1.08x, so not there.
+# select on estimate_c's bf16 c, then exact_pairs, where m >= this. 2 CPU cores, d=768, batch 4096,
+# the step: 32x topk 1.19x, batchtopk 1.46x; 16x 1.05-1.19x; 8x 0.86-1.08x, so not there.
 ESTIMATE_FROM = 12288 if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else math.inf
 
 
