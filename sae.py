@@ -35,9 +35,10 @@ class Code(NamedTuple):
     rows: torch.Tensor | None
     cols: torch.Tensor | None
     pre_BM: torch.Tensor  # relu/jumprelu: h = x W_enc + bias, with autograd; topk/batchtopk: c = h * n, without
+                          # (an estimate in bf16 where exact_cols is set)
     n_M: torch.Tensor     # decoder row norms
     pre_is_c: bool = False
-    select: object = None  # topk/batchtopk: (rows, cols) -> h at those pairs, with gradient
+    select: object = None  # topk/batchtopk: (rows, cols[, their c]) -> h at those pairs, with gradient
     bags: tuple | None = None  # sparse code: latent_bags of the pairs that fired
     exact_cols: object = None  # where pre_BM is estimate_c's bf16 c: cols -> their exact (B, len(cols)) c
 
