@@ -122,6 +122,13 @@ def sum_per_latent(x_BD: torch.Tensor, w, rows, cols, M: int, bags=None) -> torc
     return F.embedding_bag(rows[order], x_BD, starts, mode="sum", per_sample_weights=w[order].to(x_BD.dtype))
 
 
+def pair_dots(x_BD: torch.Tensor, W_MD: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """x[rows_j] . W[cols_j] for each pair j (rows sorted): embedding_bag's own kernel for the
+    gradient of its per-sample weights (mode 0 = sum, one bag per row of x)."""
+    offsets = torch.searchsorted(rows, torch.arange(len(x_BD), device=rows.device))
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(x_BD, W_MD, cols, offsets, rows, 0)
+
+
 class SparseEncode(torch.autograd.Function):
     """h_j = h[rows_j, cols_j] at selected (token, latent) pairs, h = (x - b_dec) W_enc + b_enc (no
     b_dec for a transcoder), from values computed without autograd. The backward touches only the
@@ -166,10 +173,7 @@ class SparseDecode(torch.autograd.Function):
     def backward(ctx, g_BD):
         vals, W_dec, rows, cols = ctx.saved_tensors
         g_W = sum_per_latent(g_BD, vals, rows, cols, len(W_dec), ctx.bags)
-        # dL/dvals_j = g[rows_j] . W_dec[cols_j], embedding_bag's own kernel (mode 0 = sum, rows = bags)
-        offsets = torch.searchsorted(rows, torch.arange(len(g_BD), device=rows.device))
-        g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            g_BD, W_dec, cols, offsets, rows, 0)
+        g_vals = pair_dots(g_BD, W_dec, rows, cols)            # dL/dvals_j = g[rows_j] . W_dec[cols_j]
         return g_vals.to(vals.dtype), g_W.to(W_dec.dtype), None, None, None, None
 
 
@@ -352,9 +356,9 @@ class SAE(nn.Module):
         # no longer needs a (B, d) x (d, m) matmul in the backward just for b_dec's gradient.
         b_dec = None if self.transcoder else self.b_dec
         bias_M = self.b_enc if b_dec is None else self.b_enc - b_dec @ self.W_enc
-        B, M, dev = len(x_BD), self.d_sae, x_BD.device.type     # SPARSE_BELOW: device, matmul dtype
-        share = SPARSE_BELOW.get((dev, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-                                  else x_BD.dtype), 0)
+        B, M, dev = len(x_BD), self.d_sae, x_BD.device.type
+        mm = (dev, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_BD.dtype)
+        share = SPARSE_BELOW.get(mm, 0)                         # by device and matmul dtype
 
         # relu, jumprelu: since n > 0, relu(h n) / n = relu(h) and JumpReLU's H(h n - theta) =
         # H(h - theta / n): the code comes from h directly. Two fewer (B, m) passes forward and
@@ -388,10 +392,7 @@ class SAE(nn.Module):
         # reference, fp32, 8x). No SPARSE_BELOW entry (GPU bf16): dense (H200 8x: 1.03x; sparse 0.68x).
         @torch.no_grad()
         def exact_c(rows, cols):   # c at pairs (rows sorted): rows of x . columns of W_enc, + bias, * n
-            offsets = torch.searchsorted(rows, torch.arange(B, device=rows.device))
-            h = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                x_BD, self.W_enc.T, cols, offsets, rows, 0)
-            return (h + bias_M[cols]) * n_M[cols]
+            return (pair_dots(x_BD, self.W_enc.T, rows, cols) + bias_M[cols]) * n_M[cols]
 
         @torch.no_grad()
         def exact_cols(cols):      # c of all tokens at these latents, an fp32 matmul
@@ -403,8 +404,7 @@ class SAE(nn.Module):
             c_BM = h_BM.detach() * n_M.to(h_BM.dtype)
         else:
             with torch.no_grad():
-                if dev == "cpu" and x_BD.dtype == torch.float32 and not torch.is_autocast_enabled(dev) \
-                        and M >= ESTIMATE_FROM:
+                if mm == ("cpu", torch.float32) and M >= ESTIMATE_FROM:
                     c_BM, err_B = estimate_c(x_BD, self.W_enc, self.b_enc, b_dec, n_M)
                     estimate = True
                 else:
