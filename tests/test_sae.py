@@ -126,7 +126,7 @@ def test_jumprelu_threshold_gradient_matches_formula():
     theta = torch.tensor([0.5, 0.5, 0.5, 0.5], requires_grad=True)
     g = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
     eps = 0.1
-    f = JumpReLU.apply(h, n, theta, eps)
+    f = JumpReLU.apply(h, n, theta, eps)[0]
     f.backward(g)
     c = h.detach() * n
     expected = torch.zeros(4)
@@ -165,6 +165,7 @@ def test_fast_paths_equal_straightforward_sae(act_fn, penalty, sparse, monkeypat
     straightforward SAE of the README's formulas must give the same outputs and the same
     gradients for every parameter, on both paths."""
     monkeypatch.setitem(sae_module.SPARSE_BELOW, ("cpu", torch.float32), 1.1 if sparse else 0.0)
+    monkeypatch.setattr(sae_module, "BLOCK", 5 * 64)   # dense JumpReLU: blocks of 5 rows, the last of 2
     sae = make(act_fn, jumprelu_init_threshold=0.3, jumprelu_threshold_window=0.5)
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(64, 1) + 0.5)                    # unequal decoder norms
@@ -206,6 +207,7 @@ def test_sparse_and_dense_paths_agree_under_bf16_autocast(act_fn, monkeypatch):
     """Under bf16 autocast h is bf16 and the masks and bounds follow it; both paths must still
     give the same outputs and gradients (to bf16 precision). With no SPARSE_BELOW entry (a GPU
     under bf16) topk and batchtopk take the dense path too."""
+    monkeypatch.setattr(sae_module, "BLOCK", 7 * 64)   # dense JumpReLU: blocks of 7 rows, the last of 1
     sae = make(act_fn, jumprelu_init_threshold=0.3, jumprelu_threshold_window=0.5)
     x = torch.randn(64, 16)
     results = []
