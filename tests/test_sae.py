@@ -317,7 +317,7 @@ def test_auxk_is_zero_with_no_dead_latents():
     assert sae.auxk_loss(code, y_hat, torch.zeros(64, dtype=torch.bool)).item() == 0
 
 
-def test_penalties_match_formulas():
+def test_penalties_match_formulas(monkeypatch):
     sae = make("relu")
     code = sae.encode(torch.randn(8, 16))
     a = torch.relu(code.c_BM)
@@ -327,6 +327,17 @@ def test_penalties_match_formulas():
     code = sae.encode(torch.randn(8, 16))
     expected = torch.relu(0.2 - code.c_BM).sum(-1).mean()
     assert torch.allclose(sae.pre_act_loss(code), expected, rtol=1e-5)
+    # dense jumprelu: the tanh penalty comes with f when there is a gradient (JumpReLU, over blocks
+    # of 3 rows), else sparsity_loss computes it from f
+    monkeypatch.setitem(sae_module.SPARSE_BELOW, ("cpu", torch.float32), 0.0)
+    monkeypatch.setattr(sae_module, "BLOCK", 3 * 64)
+    x = torch.randn(8, 16)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            code = sae.encode(x)
+        assert (code.tanh_sum is not None) == grad
+        a = code.c_BM * (code.c_BM > 0.2)
+        assert torch.allclose(sae.sparsity_loss(code, "tanh"), torch.tanh(4 * a).sum(-1).mean(), rtol=1e-5)
 
 
 def test_grid_search_finds_the_known_best_norm():
