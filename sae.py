@@ -95,12 +95,13 @@ class JumpReLU(torch.autograd.Function):
     h is (B, m) with n, theta (m,), or a vector of selected pairs with their n, theta gathered.
 
     With tanh_c, it also returns the tanh penalty P = sum tanh(tanh_c * f * n) (else None), and
-    the backward adds P's gradient to dL/df itself. On a (B, m) h both passes go a block of rows at
-    a time (row_blocks), in fp32 whatever h's dtype: a block's dozen elementwise ops then run in the
-    core's L2 cache, where each op on the whole (B, m) was a trip to memory, and only h is kept for
-    the backward. JumpReLU and its penalty, forward and backward, d=768, batch 4096, 2 CPU cores:
-    fp32 1.36x at 8x, 1.34x at 32x; bf16 0.99x, 1.11x. The fresh jumprelu step (fp32): 1.06-1.08x
-    at 8x, 1.10x at 32x. Masks are 1.0 / 0.0 floats: a bool mask makes each op 2-8x slower.
+    the backward adds P's gradient to dL/df itself. On CPU a (B, m) h goes through both passes a
+    block of rows at a time (row_blocks), in fp32 (bound): a block's dozen elementwise ops run in
+    the core's L2 cache, where each op on the whole (B, m) was a trip to memory, and only h is kept
+    for the backward. JumpReLU and its penalty, forward and backward, d=768, batch 4096, 2 CPU
+    cores: fp32 1.36x at 8x, 1.34x at 32x; bf16 0.99x, 1.11x. The fresh jumprelu step (fp32):
+    1.06-1.08x at 8x, 1.10x at 32x. Masks are 1.0 / 0.0 floats: a bool mask makes each op 2-8x
+    slower.
     """
 
     @staticmethod
@@ -112,17 +113,18 @@ class JumpReLU(torch.autograd.Function):
         f, on_M = torch.empty_like(h), JumpReLU.bound(theta / n, h)
         P, cn = (None, None) if tanh_c is None else (torch.zeros((), device=h.device), tanh_c * n)
         for h_b, f_b in row_blocks(h, f):
-            h_b = h_b.float()
+            h_b = h_b.to(on_M.dtype)
             torch.mul(h_b, torch.gt(h_b, on_M, out=torch.empty_like(h_b)), out=f_b)
             if P is not None:
-                P += torch.tanh(f_b.float() * cn).sum()
+                P += torch.tanh(f_b.to(on_M.dtype) * cn).sum()
         return f, P
 
     @staticmethod
     def bound(t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """A per-latent bound on h in fp32, rounded to h's dtype first: a bf16 h fires where the
-        sparse path, which compares in bf16, says it does."""
-        return t.to(h.dtype).float()
+        """A per-latent bound on h, in the dtype the blocks are computed in: fp32 on CPU (bf16 ops,
+        tanh above all, run several times slower there), h's elsewhere. Rounded to h's dtype
+        first: a bf16 h fires where the sparse path, which compares in bf16, says it does."""
+        return t.to(h.dtype).to(torch.float32 if h.device.type == "cpu" else h.dtype)
 
     @staticmethod
     def backward(ctx, g, g_P):
@@ -142,7 +144,7 @@ class JumpReLU(torch.autograd.Function):
                 sums[key] = torch.zeros(a.shape, device=a.device)
             sums[key][:len(a)].addcmul_(a, b)
         for h_b, g_b, dh_b in row_blocks(h, torch.zeros_like(h) if g is None else g, dh):
-            h_b, g_b = h_b.float(), g_b.float()
+            h_b, g_b = h_b.to(on_M.dtype), g_b.to(on_M.dtype)
             on = torch.gt(h_b, on_M, out=torch.empty_like(h_b))
             if g_P is not None:
                 f_b = h_b * on
