@@ -80,7 +80,7 @@ def row_blocks(*ts: torch.Tensor):
     """The same rows of each tensor, a block of about BLOCK elements at a time where the first is a
     (B, m) tensor on CPU; the whole tensors at once elsewhere (a vector, or on a GPU)."""
     t = ts[0]
-    rows = max(1, BLOCK // t.shape[1]) if t.dim() == 2 and t.device.type == "cpu" else len(t)
+    rows = max(1, BLOCK // t.shape[1] if t.dim() == 2 and t.device.type == "cpu" else len(t))
     for i in range(0, len(t), rows):
         yield [u[i:i + rows] for u in ts]
 
@@ -155,10 +155,11 @@ class JumpReLU(torch.autograd.Function):
             window -= torch.ge(h_b, hi, out=torch.empty_like(h_b))    # lo < h < hi
             add("theta", g_b, window)
             torch.mul(g_b, on, out=dh_b)
-        g_theta, g_n = (sums.get(k) for k in ("theta", "n"))
-        if h.dim() > theta.dim():
-            g_theta, g_n = g_theta.sum(0), None if g_n is None else g_n.sum(0)
-        return dh, None if g_n is None else g_n / n, g_theta * (-theta / eps) / n, None, None
+        def total(key):                       # (no block at all: an empty batch, or no pair)
+            s = sums.get(key, torch.zeros_like(n))
+            return s.sum(0) if s.dim() > theta.dim() else s
+        g_n = None if g_P is None else total("n") / n
+        return dh, g_n, total("theta") * (-theta / eps) / n, None, None
 
 
 def latent_bags(on: torch.Tensor, cols: torch.Tensor, M: int) -> tuple[torch.Tensor, torch.Tensor]:

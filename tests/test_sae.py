@@ -239,6 +239,23 @@ def test_path_follows_the_device_and_the_autocast_dtype(monkeypatch):
     assert code.f_BM is not None and (code.nnz_per_token(32) == 4).all()
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_jumprelu_steps_with_nothing_firing_and_with_no_tokens(sparse, monkeypatch):
+    """JumpReLU's blocks when there is nothing to do: no pair fires or sits in the window (the
+    sparse path then has no pairs at all), and a batch of no tokens. The step runs, and with
+    nothing in the window the threshold's gradient is zero."""
+    monkeypatch.setitem(sae_module.SPARSE_BELOW, ("cpu", torch.float32), 1.1 if sparse else 0.0)
+    sae = make("jumprelu", jumprelu_init_threshold=1e6)
+    for x in (torch.randn(8, 16), torch.randn(0, 16)):
+        sae.zero_grad()
+        y, code = sae(x)
+        assert (code.f_BM is None) == sparse and not code.dense().any()
+        loss = (y - x).pow(2).sum() + (sae.sparsity_loss(code, "tanh") if len(x) else 0)
+        loss.backward()
+        assert sae.log_threshold.grad is not None and not sae.log_threshold.grad.any()
+        assert torch.isfinite(sae.W_dec.grad).all() and torch.isfinite(sae.b_dec.grad).all()
+
+
 def test_jumprelu_log_threshold_learns_through_the_sae():
     sae = make("jumprelu", jumprelu_init_threshold=0.3, jumprelu_threshold_window=1.0)
     y_hat, code = sae(torch.randn(64, 16))
