@@ -96,9 +96,9 @@ class JumpReLU(torch.autograd.Function):
 
     With tanh_c, it also returns the tanh penalty P = sum tanh(tanh_c * f * n) (else None), and
     the backward adds P's gradient to dL/df itself. On CPU a (B, m) h goes through both passes a
-    block of rows at a time (row_blocks), in fp32 (bound): a block's dozen elementwise ops run in
-    the core's L2 cache, where each op on the whole (B, m) was a trip to memory, and only h is kept
-    for the backward. JumpReLU and its penalty, forward and backward, d=768, batch 4096, 2 CPU
+    block of rows at a time (row_blocks), in fp32 at least (bound): a block's dozen elementwise ops
+    run in the core's L2 cache, where each op on the whole (B, m) was a trip to memory, and only h
+    is kept for the backward. JumpReLU and its penalty, forward and backward, d=768, batch 4096, 2 CPU
     cores: fp32 1.36x at 8x, 1.34x at 32x; bf16 0.99x, 1.11x. The fresh jumprelu step (fp32):
     1.06-1.08x at 8x, 1.10x at 32x. Masks are 1.0 / 0.0 floats: a bool mask makes each op 2-8x
     slower.
@@ -111,7 +111,8 @@ class JumpReLU(torch.autograd.Function):
         ctx.save_for_backward(h, n, theta)
         ctx.eps, ctx.tanh_c = eps, tanh_c
         f, on_M = torch.empty_like(h), JumpReLU.bound(theta / n, h)
-        P, cn = (None, None) if tanh_c is None else (torch.zeros((), device=h.device), tanh_c * n)
+        wide = torch.promote_types(on_M.dtype, torch.float32)           # sums in fp32 at least
+        P, cn = (None, None) if tanh_c is None else (torch.zeros((), dtype=wide, device=h.device), tanh_c * n)
         for h_b, f_b in row_blocks(h, f):
             h_b = h_b.to(on_M.dtype)
             torch.mul(h_b, torch.gt(h_b, on_M, out=torch.empty_like(h_b)), out=f_b)
@@ -121,10 +122,12 @@ class JumpReLU(torch.autograd.Function):
 
     @staticmethod
     def bound(t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """A per-latent bound on h, in the dtype the blocks are computed in: fp32 on CPU (bf16 ops,
-        tanh above all, run several times slower there), h's elsewhere. Rounded to h's dtype
-        first: a bf16 h fires where the sparse path, which compares in bf16, says it does."""
-        return t.to(h.dtype).to(torch.float32 if h.device.type == "cpu" else h.dtype)
+        """A per-latent bound on h, in the dtype the blocks are computed in: fp32 for a bf16 or
+        fp16 h on CPU (their ops, tanh above all, run several times slower there), else h's.
+        Rounded to h's dtype first: a bf16 h fires where the sparse path, which compares in bf16,
+        says it does."""
+        half = h.device.type == "cpu" and h.element_size() < 4
+        return t.to(h.dtype).to(torch.float32 if half else h.dtype)
 
     @staticmethod
     def backward(ctx, g, g_P):
@@ -138,10 +141,11 @@ class JumpReLU(torch.autograd.Function):
         if g_P is not None:                   # P's gradient: d tanh(c f n) / df = c n (1 - tanh^2)
             cn, g_cn = tanh_c * n, g_P * tanh_c * n
         dh, sums = torch.empty_like(h), {}    # sums: over the batch, per latent, a block of rows at a time
+        wide = torch.promote_types(on_M.dtype, torch.float32)
 
         def add(key, a, b):                   # sums[key] += a * b
             if key not in sums:
-                sums[key] = torch.zeros(a.shape, device=a.device)
+                sums[key] = torch.zeros(a.shape, dtype=wide, device=a.device)
             sums[key][:len(a)].addcmul_(a, b)
         for h_b, g_b, dh_b in row_blocks(h, torch.zeros_like(h) if g is None else g, dh):
             h_b, g_b = h_b.to(on_M.dtype), g_b.to(on_M.dtype)
@@ -155,6 +159,7 @@ class JumpReLU(torch.autograd.Function):
             window -= torch.ge(h_b, hi, out=torch.empty_like(h_b))    # lo < h < hi
             add("theta", g_b, window)
             torch.mul(g_b, on, out=dh_b)
+
         def total(key):                       # (no block at all: an empty batch, or no pair)
             s = sums.get(key, torch.zeros_like(n))
             return s.sum(0) if s.dim() > theta.dim() else s
