@@ -239,6 +239,17 @@ def test_path_follows_the_device_and_the_autocast_dtype(monkeypatch):
     assert code.f_BM is not None and (code.nnz_per_token(32) == 4).all()
 
 
+def test_dense_jumprelu_keeps_the_sae_dtype(monkeypatch):
+    """JumpReLU widens bf16 blocks to fp32 on CPU; an fp64 SAE's f must stay exact in fp64."""
+    monkeypatch.setitem(sae_module.SPARSE_BELOW, ("cpu", torch.float64), 0.0)
+    torch.manual_seed(0)
+    sae = SAE(16, 64, "jumprelu", 4, jumprelu_init_threshold=0.3, dtype=torch.float64)
+    code = sae.encode(torch.randn(32, 16, dtype=torch.float64))
+    h = code.pre_BM.detach()
+    assert code.f_BM.dtype == torch.float64 and code.f_BM.any()
+    assert torch.equal(code.f_BM.detach(), h * (h > (sae.log_threshold.exp() / code.n_M).double()))
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_jumprelu_steps_with_nothing_firing_and_with_no_tokens(sparse, monkeypatch):
     """JumpReLU's blocks when there is nothing to do: no pair fires or sits in the window (the
