@@ -96,12 +96,12 @@ class JumpReLU(torch.autograd.Function):
 
     With tanh_c, it also returns the tanh penalty P = sum tanh(tanh_c * f * n) (else None), and
     the backward adds P's gradient to dL/df itself. On CPU a (B, m) h goes through both passes a
-    block of rows at a time (row_blocks), in fp32 at least (bound): a block's dozen elementwise ops
-    run in the core's L2 cache, where each op on the whole (B, m) was a trip to memory, and only h
-    is kept for the backward. JumpReLU and its penalty, forward and backward, d=768, batch 4096, 2 CPU
-    cores: fp32 1.36x at 8x, 1.34x at 32x; bf16 0.99x, 1.11x. The fresh jumprelu step (fp32):
-    1.06-1.08x at 8x, 1.10x at 32x. Masks are 1.0 / 0.0 floats: a bool mask makes each op 2-8x
-    slower.
+    block of rows at a time (row_blocks), in fp32 at least (bound): a block's dozen elementwise
+    ops run in the core's L2 cache, where each op on the whole (B, m) was a trip to memory, and
+    only h is kept for the backward. JumpReLU and its penalty, forward and backward, d=768, batch
+    4096, 2 CPU cores: fp32 1.36x at 8x, 1.34x at 32x; bf16 0.99x, 1.11x. The fresh jumprelu
+    step (fp32): 1.06-1.08x at 8x, 1.10x at 32x. Masks are 1.0 / 0.0 floats: a bool mask makes
+    each op 2-8x slower.
     """
 
     @staticmethod
