@@ -435,11 +435,12 @@ class SAE(nn.Module):
             with torch.no_grad():   # pairs that can get a gradient: h > 0, or c in JumpReLU's window
                 lo_M = ((theta_M - eps / 2) / n_M).clamp(min=0) if jump else torch.zeros_like(n_M)
                 on_M = theta_M / n_M if jump else lo_M                       # and those that fire
-            if share:   # which path is faster, from every 61st pair: the sparse one pays about half
-                # as much for a window pair below the threshold (f = 0, only dL/df) as for one that fires
-                h_s, j = h_BM.detach().view(-1)[::61], torch.arange(0, B * M, 61, device=h_BM.device) % M
-                cost = ((h_s > lo_M[j].to(h_s.dtype)).sum() + (h_s > on_M[j].to(h_s.dtype)).sum()) \
-                    / (2 * len(h_s))
+            if share:   # which path is faster, from ~64 of the tokens: the sparse one pays about half
+                # as much for a window pair below the threshold (f = 0, only dL/df) as for one that fires.
+                # Whole rows, not every 61st pair with its bounds gathered: 8.7 -> 1.7 ms at (4096, 6144),
+                # 32 -> 3.8 ms at (4096, 24576), on 2 CPU cores.
+                h_s = h_BM.detach()[::max(1, B // 64)]
+                cost = ((h_s > lo_M.to(h_s.dtype)).sum() + (h_s > on_M.to(h_s.dtype)).sum()) / (2 * h_s.numel())
             if not share or cost > share:
                 if self.act_fn == "relu":
                     return Code(F.relu(h_BM), None, None, None, h_BM, n_M)
