@@ -323,6 +323,8 @@ def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) 
     next-token loss with the activation at hook_point_out replaced by the reconstruction, against
     the clean loss and zero-ablation (SPEC, "Metrics"). BOS/EOS/pad positions stay clean."""
     sae.eval()
+    if device == "cpu":     # the LM's logits, ~200 MB a forward, are not faulted in anew each time
+        keep_freed_memory()
     hooks = sorted({cfg.hook_point_in, cfg.hook_out})
     held_out = cfg.eval_tokens // cfg.context_size
     contexts = [c for _, c in acts.iter_contexts(_texts(cfg, cfg.eval_dataset), model.tokenizer,
@@ -331,8 +333,7 @@ def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) 
     # typical ones: ||x|| <= TYPICAL_NORM_RATIO x the batch median, i.e. no massive activations.
     sums = {"": [0, 0.0, 0.0, 0.0], "_typical": [0, 0.0, 0.0, 0.0]}
     nnz, fired = 0, torch.zeros(sae.d_sae, device=device)
-    ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
-    kl, n_pred = 0.0, 0
+    loss_sums, n_pred = torch.zeros(4, dtype=torch.float64, device=device), 0   # clean, sae, zero, KL
     n = cfg.lm_batch(device)
     for i in range(0, len(contexts), n):
         tokens = torch.stack(contexts[i:i + n]).to(device)
@@ -355,15 +356,11 @@ def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) 
         # the LM with the reconstruction spliced in, clean, and zero-ablated at the same positions
         new = torch.zeros(*tokens.shape, y.shape[1], device=device)
         new[keep] = y_hat
-        target = tokens[:, 1:, None]
-        lp_clean = logits[:, :-1].float().log_softmax(-1)
-        lp_sae = acts.spliced_logprobs(model, tokens, cfg.hook_out, new, keep)
-        lp_zero = acts.spliced_logprobs(model, tokens, cfg.hook_out, torch.zeros_like(new), keep)
-        for name, lp in (("clean", lp_clean), ("sae", lp_sae), ("zero", lp_zero)):
-            ce[name] -= lp.gather(-1, target).sum().item()
-        kl += (lp_clean.exp() * (lp_clean - lp_sae)).sum().item()
-        n_pred += target.numel()
-    l_clean, l_sae, l_zero = (ce[k] / n_pred for k in ("clean", "sae", "zero"))
+        lg_sae = acts.spliced_logits(model, tokens, cfg.hook_out, new, keep)
+        lg_zero = acts.spliced_logits(model, tokens, cfg.hook_out, torch.zeros_like(new), keep)
+        loss_sums += acts.next_token_sums(tokens, logits, lg_sae, lg_zero)
+        n_pred += tokens[:, 1:].numel()
+    l_clean, l_sae, l_zero, kl = (loss_sums / n_pred).tolist()
     n, err = sums[""][:2]
     freq = fired / n
     ev = {f"explained_variance{key}": 1 - e / (y2 - (y_sum.pow(2).sum() / m).item())
@@ -372,7 +369,7 @@ def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) 
             "ultra_rare": (freq < 1e-5).float().mean().item(),
             "ce_loss_clean": l_clean, "ce_loss_sae": l_sae, "ce_loss_zero": l_zero,
             "ce_loss_recovered": (l_zero - l_sae) / (l_zero - l_clean), "delta_lm_loss": l_sae - l_clean,
-            "kl_clean_sae": kl / n_pred, "tokens": n, "predicted_tokens": n_pred}
+            "kl_clean_sae": kl, "tokens": n, "predicted_tokens": n_pred}
 
 
 def print_eval(result: dict, title: str, folder: str | None = None):

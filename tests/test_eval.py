@@ -47,22 +47,45 @@ def test_splicing_the_activation_itself_changes_nothing(tiny_model, tiny_model_p
 
 
 def test_splice_matches_a_hand_built_reference(tiny_model, tiny_model_path):
-    """Scaling the activation by 0.5 through evaluate() == a hook written by hand."""
-    cfg = tiny_cfg(tiny_model_path)
+    """Flipping the activation's sign through evaluate() == a hook written by hand: the three
+    losses and the KL. At block 0: block 1 turns it into a change of the logits that the final
+    norm does not undo."""
+    cfg = tiny_cfg(tiny_model_path, "blocks.0.hook_resid_post")
     sae = identity_sae(32)
     with torch.no_grad():
-        sae.W_dec.mul_(0.5)
+        sae.W_dec.mul_(-1.0)
     drop = acts.special_token_ids(tiny_model.tokenizer)
     r = train.evaluate(sae, tiny_model, cfg, drop, "cpu")
     ctx = torch.stack([c for _, c in acts.iter_contexts(train._texts(cfg), tiny_model.tokenizer, 32,
                                                         held_out=16, eval=True)])
     keep = ~torch.isin(ctx, drop)
 
-    def half(act, hook):
-        return torch.where(keep[..., None], act * 0.5, act)
-    logits = tiny_model.run_with_hooks(ctx, fwd_hooks=[("blocks.1.hook_resid_post", half)])
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ctx[:, 1:].flatten())
-    assert r["ce_loss_sae"] == pytest.approx(ce.item(), rel=1e-5)
+    def flip(act, hook):
+        return torch.where(keep[..., None], -act, act)
+
+    def zero(act, hook):
+        return torch.where(keep[..., None], 0.0, act)
+    lp = {name: tiny_model.run_with_hooks(ctx, fwd_hooks=hooks)[:, :-1].log_softmax(-1)
+          for name, hooks in (("clean", []), ("sae", [("blocks.0.hook_resid_post", flip)]),
+                              ("zero", [("blocks.0.hook_resid_post", zero)]))}
+    for name, lp_ in lp.items():
+        ce = torch.nn.functional.nll_loss(lp_.flatten(0, 1), ctx[:, 1:].flatten())
+        assert r[f"ce_loss_{name}"] == pytest.approx(ce.item(), rel=1e-5)
+    kl = (lp["clean"].exp() * (lp["clean"] - lp["sae"])).sum(-1).mean()
+    assert r["kl_clean_sae"] == pytest.approx(kl.item(), rel=1e-4) and kl > 1e-3
+
+
+def test_next_token_sums_match_whole_log_softmax():
+    """Blocks of 5 positions (a partial one at the end of each context) on bf16 logits, as the LM
+    gives them, against log_softmax over the whole batch."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 300, (3, 13))
+    logits = [(torch.randn(3, 13, 300) * s).bfloat16() for s in (2.0, 2.5, 4.0)]
+    sums = acts.next_token_sums(tokens, *logits, rows=5)
+    lp = [l[:, :-1].float().log_softmax(-1) for l in logits]
+    ce = [-p.gather(-1, tokens[:, 1:, None]).sum() for p in lp]
+    kl = (lp[0].exp() * (lp[0] - lp[1])).sum()
+    torch.testing.assert_close(sums, torch.stack(ce + [kl]).double(), rtol=1e-5, atol=1e-4)
 
 
 def test_explained_variance_matches_a_hand_computation(tiny_model, tiny_model_path, monkeypatch):
