@@ -22,7 +22,9 @@ warmup, with the ratios that matter, and a compact summary of them at the end.
            forward of the same 16 decoder layers: the ratio bridge/raw.
 4. train   end-to-end tokens/s of a short train.main run (LM + mixing buffer + SAE step), read
            from its log.jsonl; and, where train.py has its activation cache, of the same run
-           trained from a cache that train.cache_main wrote (no LM while training).
+           trained from a cache that train.cache_main wrote (no LM while training). Then the
+           held-out evaluation of the SAE it saved (train.evaluate: three LM forwards, EV, L0,
+           the next-token losses and KL) in tokens/s.
 """
 import argparse
 import json
@@ -257,11 +259,20 @@ def bench_train(a) -> dict:
             train.cache_main(train.Config(**run, cache_activations=cache))
             rates["cached (shards + buffer + SAE)"] = train_tokens_per_s(
                 train.Config(**run, activations=cache, exp_result_path=os.path.join(tmp, "cached")))
-    cfg = train.Config(**run)
+        # The held-out evaluation that ends every run, of the SAE the streaming run saved (the LM
+        # loaded beforehand): a.eval_tokens of held-out text.
+        cfg = train.Config(**{**run, "eval_tokens": a.eval_tokens})
+        model, drop_ids = train.load_lm(cfg, a.device)
+        sae = SAE.load(os.path.join(tmp, "streaming"), a.device)
+        t_eval = time.perf_counter()
+        n_eval = train.evaluate(sae, model, cfg, drop_ids, a.device)["tokens"]
+        rates["held-out evaluation"] = n_eval / (time.perf_counter() - t_eval)
     print(f"{cfg.act_fn}, expansion {cfg.expansion_factor}, batch {cfg.batch_size}, LM {cfg.model_dtype}, "
-          f"SAE {cfg.dtype}, {steps} steps per run: {time.perf_counter() - t:.0f} s wall in all")
-    table(["path", f"tokens/s (log lines 2..{steps // log_every})"], [[k, f"{v:,.0f}"] for k, v in rates.items()])
-    if len(rates) == 1:
+          f"SAE {cfg.dtype}, {steps} steps per run, evaluation of {cfg.eval_tokens:,} tokens: "
+          f"{time.perf_counter() - t:.0f} s wall in all")
+    print(f"training: tokens/s of log lines 2..{steps // log_every}; evaluation: kept tokens / its time")
+    table(["path", "tokens/s"], [[k, f"{v:,.0f}"] for k, v in rates.items()])
+    if "cached (shards + buffer + SAE)" not in rates:
         print("cached path: not available (train.py has no activation cache)\n")
     return rates
 
@@ -285,6 +296,8 @@ def main():
     # train.py: Config overrides, steps, log frequency (the default batch is 1024 tokens).
     a.train = (dict(batch_size=256, buffer_size=1024, model_batch_contexts=2, eval_tokens=512), 8, 2) \
         if a.quick else (dict(eval_tokens=512), 24, 8) if cpu else (dict(), 400, 50)
+    # The timed evaluation: 2 LM batches (quick), 3 on CPU (16 contexts of 128 tokens), 4 on a GPU.
+    a.eval_tokens = 512 if a.quick else 6144 if cpu else 32_768
     transformers.utils.logging.disable_progress_bar()        # no "Loading weights" bars
     if cpu:     # freed memory stays in the heap, as in train.py at large batches on CPU: every
         train.keep_freed_memory()       # step gains, the reference too (~200k page faults a step)
@@ -322,10 +335,10 @@ def main():
         summary.append("bridge/raw HF: " + ", ".join(f"{dt} {v:.2f}x" for dt, v in r.items()))
     if "train" in sections:
         print("== 4. end-to-end train.py ==")
-        r = list(bench_train(a).values())                  # [streaming, cached if there is a cache]
+        r = list(bench_train(a).values())         # [streaming, cached if there is a cache, evaluation]
         summary.append(f"train.py end-to-end: streaming {r[0]:,.0f} tokens/s" +
-                       (f", cached {r[1]:,.0f} tokens/s, cached/streaming {r[1] / r[0]:.2f}x" if len(r) > 1
-                        else ", cached path not available"))
+                       (f", cached {r[1]:,.0f} tokens/s, cached/streaming {r[1] / r[0]:.2f}x" if len(r) > 2
+                        else ", cached path not available") + f"; held-out evaluation {r[-1]:,.0f} tokens/s")
     print("== summary ==\n" + "\n".join(summary))
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
 
