@@ -317,59 +317,71 @@ TYPICAL_NORM_RATIO = 10.0      # eval's explained_variance_typical leaves out ||
 
 
 @torch.no_grad()
-def evaluate(sae: SAE, model, cfg: Config, drop_ids: torch.Tensor, device: str) -> dict:
+def evaluate(saes: SAE | list[SAE], model, cfg: Config, drop_ids: torch.Tensor, device: str):
     """A raw-space SAE on the held-out contexts (the first eval_tokens of the data, never trained
     on): explained variance (sums, about the mean), L0, dead / ultra-rare latents, and the LM's
     next-token loss with the activation at hook_point_out replaced by the reconstruction, against
-    the clean loss and zero-ablation (SPEC, "Metrics"). BOS/EOS/pad positions stay clean."""
-    sae.eval()
+    the clean loss and zero-ablation (SPEC, "Metrics"). BOS/EOS/pad positions stay clean. A list
+    of SAEs (BatchTopK and its JumpReLU conversion) gives a list of results and shares the clean
+    and zero-ablated forwards: 4 LM forwards per batch for the two, not 6 (8k tokens on 2 CPU
+    cores, two rounds: 35, 32 s -> 25, 24 s)."""   # -> dict | list[dict]
+    one = isinstance(saes, SAE)
+    saes = [saes] if one else saes
+    for sae in saes:
+        sae.eval()
     if device == "cpu":     # the LM's logits, ~200 MB a forward, are not faulted in anew each time
         keep_freed_memory()
     hooks = sorted({cfg.hook_point_in, cfg.hook_out})
     held_out = cfg.eval_tokens // cfg.context_size
     contexts = [c for _, c in acts.iter_contexts(_texts(cfg, cfg.eval_dataset), model.tokenizer,
                                                  cfg.context_size, held_out=held_out, eval=True)]
-    # EV sums (tokens, squared error, sum of y, sum of ||y||^2) over every kept token, and over the
-    # typical ones: ||x|| <= TYPICAL_NORM_RATIO x the batch median, i.e. no massive activations.
-    sums = {"": [0, 0.0, 0.0, 0.0], "_typical": [0, 0.0, 0.0, 0.0]}
-    nnz, fired = 0, torch.zeros(sae.d_sae, device=device)
-    loss_sums, n_pred = torch.zeros(4, dtype=torch.float64, device=device), 0   # clean, sae, zero, KL
-    n = cfg.lm_batch(device)
-    for i in range(0, len(contexts), n):
-        tokens = torch.stack(contexts[i:i + n]).to(device)
+    # Per SAE: EV sums (tokens, squared error, sum of y, sum of ||y||^2) over every kept token and
+    # over the typical ones (||x|| <= TYPICAL_NORM_RATIO x the batch median: no massive activations),
+    # active pairs, firing counts, and next_token_sums (clean, SAE, zero-ablated, KL).
+    acc = [{"": [0, 0.0, 0.0, 0.0], "_typical": [0, 0.0, 0.0, 0.0], "nnz": 0,
+            "fired": torch.zeros(sae.d_sae, device=device),
+            "loss": torch.zeros(4, dtype=torch.float64, device=device)} for sae in saes]
+    per_batch, n_pred = cfg.lm_batch(device), 0
+    for i in range(0, len(contexts), per_batch):
+        tokens = torch.stack(contexts[i:i + per_batch]).to(device)
         keep = ~torch.isin(tokens, drop_ids.to(device))
         logits, cache = model.run_with_cache(tokens, names_filter=hooks)
         x, y = acts.token_vectors(cache, cfg.hook_point_in), acts.token_vectors(cache, cfg.hook_out)
         if cfg.max_norm_ratio is not None:      # outlier positions are left out, as in training
             keep[keep.clone()] = acts.within_norm_ratio(x[keep], cfg.max_norm_ratio)
-        x, y = x[keep].to(sae.W_enc.dtype), y[keep].float()
-        y_hat, code = sae(x)
-        y_hat = y_hat.float()
-        for key, sel in (("", slice(None)), ("_typical", acts.within_norm_ratio(x, TYPICAL_NORM_RATIO))):
-            s, y_s = sums[key], y[sel]
-            s[0] += len(y_s)
-            s[1] += (y_hat[sel] - y_s).pow(2).sum().item()
-            s[2] += y_s.sum(0)
-            s[3] += y_s.pow(2).sum().item()
-        nnz += code.nnz_per_token(len(x)).sum().item()
-        fired += code.fired(sae.d_sae)
-        # the LM with the reconstruction spliced in, clean, and zero-ablated at the same positions
+        x, y = x[keep], y[keep].float()
+        typical = acts.within_norm_ratio(x, TYPICAL_NORM_RATIO)
+        # the LM zero-ablated, and with each reconstruction spliced in, at the same positions
         new = torch.zeros(*tokens.shape, y.shape[1], device=device)
-        new[keep] = y_hat
-        lg_sae = acts.spliced_logits(model, tokens, cfg.hook_out, new, keep)
-        lg_zero = acts.spliced_logits(model, tokens, cfg.hook_out, torch.zeros_like(new), keep)
-        loss_sums += acts.next_token_sums(tokens, logits, lg_sae, lg_zero)
+        lg_zero = acts.spliced_logits(model, tokens, cfg.hook_out, new, keep)
+        for sae, a in zip(saes, acc):
+            y_hat, code = sae(x.to(sae.W_enc.dtype))
+            y_hat = y_hat.float()
+            for key, sel in (("", slice(None)), ("_typical", typical)):
+                s, y_s = a[key], y[sel]
+                s[0] += len(y_s)
+                s[1] += (y_hat[sel] - y_s).pow(2).sum().item()
+                s[2] += y_s.sum(0)
+                s[3] += y_s.pow(2).sum().item()
+            a["nnz"] += code.nnz_per_token(len(x)).sum().item()
+            a["fired"] += code.fired(sae.d_sae)
+            new[keep] = y_hat
+            lg_sae = acts.spliced_logits(model, tokens, cfg.hook_out, new, keep)
+            a["loss"] += acts.next_token_sums(tokens, logits, lg_sae, lg_zero)
         n_pred += tokens[:, 1:].numel()
-    l_clean, l_sae, l_zero, kl = (loss_sums / n_pred).tolist()
-    n, err = sums[""][:2]
-    freq = fired / n
-    ev = {f"explained_variance{key}": 1 - e / (y2 - (y_sum.pow(2).sum() / m).item())
-          for key, (m, e, y_sum, y2) in sums.items()}
-    return {**ev, "l0": nnz / n, "mse": err / n, "dead": (fired == 0).float().mean().item(),
-            "ultra_rare": (freq < 1e-5).float().mean().item(),
-            "ce_loss_clean": l_clean, "ce_loss_sae": l_sae, "ce_loss_zero": l_zero,
-            "ce_loss_recovered": (l_zero - l_sae) / (l_zero - l_clean), "delta_lm_loss": l_sae - l_clean,
-            "kl_clean_sae": kl, "tokens": n, "predicted_tokens": n_pred}
+    results = []
+    for a in acc:
+        l_clean, l_sae, l_zero, kl = (a["loss"] / n_pred).tolist()
+        n, err = a[""][:2]
+        ev = {f"explained_variance{key}": 1 - e / (y2 - (y_sum.pow(2).sum() / m).item())
+              for key, (m, e, y_sum, y2) in ((k, a[k]) for k in ("", "_typical"))}
+        results.append({**ev, "l0": a["nnz"] / n, "mse": err / n,
+                        "dead": (a["fired"] == 0).float().mean().item(),
+                        "ultra_rare": (a["fired"] / n < 1e-5).float().mean().item(),
+                        "ce_loss_clean": l_clean, "ce_loss_sae": l_sae, "ce_loss_zero": l_zero,
+                        "ce_loss_recovered": (l_zero - l_sae) / (l_zero - l_clean),
+                        "delta_lm_loss": l_sae - l_clean, "kl_clean_sae": kl, "tokens": n, "predicted_tokens": n_pred})
+    return results[0] if one else results
 
 
 def print_eval(result: dict, title: str, folder: str | None = None):
@@ -848,13 +860,15 @@ def main(cfg: Config) -> dict:
         sae_raw = folded(sae, s_in, s_out)
         extra = {"train": run_config(cfg), "norm_scale_in": s_in, "norm_scale_out": s_out}
         sae_raw.save(cfg.exp_result_path, extra)
-        result = evaluate(sae_raw, model, cfg, drop_ids, device)
-        print_eval(result, f"held-out evaluation ({cfg.exp_result_path})", cfg.exp_result_path)
-        if cfg.act_fn == "batchtopk":
-            sae_raw.to_jumprelu_()
+        saes = [sae_raw]
+        if cfg.act_fn == "batchtopk":                     # and its JumpReLU conversion, beside it
             folder = os.path.join(cfg.exp_result_path, "jumprelu")
-            sae_raw.save(folder, extra)
-            result["jumprelu"] = evaluate(sae_raw, model, cfg, drop_ids, device)
+            saes.append(folded(sae, s_in, s_out).to_jumprelu_())
+            saes[1].save(folder, extra)
+        result, *converted = evaluate(saes, model, cfg, drop_ids, device)
+        print_eval(result, f"held-out evaluation ({cfg.exp_result_path})", cfg.exp_result_path)
+        if converted:
+            result["jumprelu"] = converted[0]
             print_eval(result["jumprelu"], f"converted to JumpReLU ({folder})", folder)
         if wandb_run:
             wandb_run.log({f"eval/{k}": v for k, v in result.items() if not isinstance(v, dict)}, step=step)

@@ -75,6 +75,19 @@ def test_splice_matches_a_hand_built_reference(tiny_model, tiny_model_path):
     assert r["kl_clean_sae"] == pytest.approx(kl.item(), rel=1e-4) and kl > 1e-3
 
 
+def test_saes_evaluated_together_as_alone(tiny_model, tiny_model_path):
+    """A list of SAEs shares the clean and zero-ablated forwards: each result as if evaluated alone."""
+    cfg = tiny_cfg(tiny_model_path, "blocks.0.hook_resid_post")
+    drop = acts.special_token_ids(tiny_model.tokenizer)
+    flipped, relu = identity_sae(32), SAE(32, 64, "relu")
+    with torch.no_grad():
+        flipped.W_dec.mul_(-1.0)
+    together = train.evaluate([flipped, relu], tiny_model, cfg, drop, "cpu")
+    for sae, r in zip((flipped, relu), together):
+        assert r == pytest.approx(train.evaluate(sae, tiny_model, cfg, drop, "cpu"), rel=1e-6)
+    assert together[0]["ce_loss_sae"] != pytest.approx(together[1]["ce_loss_sae"])
+
+
 def test_next_token_sums_match_whole_log_softmax():
     """Blocks of 5 positions (a partial one at the end of each context) on bf16 logits, as the LM
     gives them, against log_softmax over the whole batch."""
