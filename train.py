@@ -317,14 +317,15 @@ TYPICAL_NORM_RATIO = 10.0      # eval's explained_variance_typical leaves out ||
 
 
 @torch.no_grad()
-def evaluate(saes: SAE | list[SAE], model, cfg: Config, drop_ids: torch.Tensor, device: str):
+def evaluate(saes: SAE | list[SAE], model, cfg: Config, drop_ids: torch.Tensor,
+             device: str) -> dict | list[dict]:
     """A raw-space SAE on the held-out contexts (the first eval_tokens of the data, never trained
     on): explained variance (sums, about the mean), L0, dead / ultra-rare latents, and the LM's
     next-token loss with the activation at hook_point_out replaced by the reconstruction, against
     the clean loss and zero-ablation (SPEC, "Metrics"). BOS/EOS/pad positions stay clean. A list
     of SAEs (BatchTopK and its JumpReLU conversion) gives a list of results and shares the clean
     and zero-ablated forwards: 4 LM forwards per batch for the two, not 6 (8k tokens on 2 CPU
-    cores, two rounds: 35, 32 s -> 25, 24 s)."""   # -> dict | list[dict]
+    cores, two rounds: 35, 32 s -> 25, 24 s)."""
     one = isinstance(saes, SAE)
     saes = [saes] if one else saes
     for sae in saes:
@@ -338,7 +339,7 @@ def evaluate(saes: SAE | list[SAE], model, cfg: Config, drop_ids: torch.Tensor, 
     # Per SAE: EV sums (tokens, squared error, sum of y, sum of ||y||^2) over every kept token and
     # over the typical ones (||x|| <= TYPICAL_NORM_RATIO x the batch median: no massive activations),
     # active pairs, firing counts, and next_token_sums (clean, SAE, zero-ablated, KL).
-    acc = [{"": [0, 0.0, 0.0, 0.0], "_typical": [0, 0.0, 0.0, 0.0], "nnz": 0,
+    acc = [{"ev": {"": [0, 0.0, 0.0, 0.0], "_typical": [0, 0.0, 0.0, 0.0]}, "nnz": 0,
             "fired": torch.zeros(sae.d_sae, device=device),
             "loss": torch.zeros(4, dtype=torch.float64, device=device)} for sae in saes]
     per_batch, n_pred = cfg.lm_batch(device), 0
@@ -358,7 +359,7 @@ def evaluate(saes: SAE | list[SAE], model, cfg: Config, drop_ids: torch.Tensor, 
             y_hat, code = sae(x.to(sae.W_enc.dtype))
             y_hat = y_hat.float()
             for key, sel in (("", slice(None)), ("_typical", typical)):
-                s, y_s = a[key], y[sel]
+                s, y_s = a["ev"][key], y[sel]
                 s[0] += len(y_s)
                 s[1] += (y_hat[sel] - y_s).pow(2).sum().item()
                 s[2] += y_s.sum(0)
@@ -372,9 +373,9 @@ def evaluate(saes: SAE | list[SAE], model, cfg: Config, drop_ids: torch.Tensor, 
     results = []
     for a in acc:
         l_clean, l_sae, l_zero, kl = (a["loss"] / n_pred).tolist()
-        n, err = a[""][:2]
+        n, err = a["ev"][""][:2]
         ev = {f"explained_variance{key}": 1 - e / (y2 - (y_sum.pow(2).sum() / m).item())
-              for key, (m, e, y_sum, y2) in ((k, a[k]) for k in ("", "_typical"))}
+              for key, (m, e, y_sum, y2) in a["ev"].items()}
         results.append({**ev, "l0": a["nnz"] / n, "mse": err / n,
                         "dead": (a["fired"] == 0).float().mean().item(),
                         "ultra_rare": (a["fired"] / n < 1e-5).float().mean().item(),
