@@ -260,6 +260,15 @@ def lr_at(step: int, cfg: Config, total_steps: int) -> float:
     return cfg.lr
 
 
+def rank_mean(t: torch.Tensor) -> torch.Tensor:
+    """t averaged over the processes (every rank's batch has the same size); t alone without them."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
@@ -713,17 +722,14 @@ def main(cfg: Config) -> dict:
         # ranks, like the initial b_dec, so that every rank starts from the same SAE.
         s = torch.tensor([d_in ** 0.5 / x0.norm(dim=1).mean(), d_out ** 0.5 / y0.norm(dim=1).mean()],
                          device=device) if cfg.normalize_activations else torch.ones(2, device=device)
-        mean_y = y0.mean(0) * s[1]
-        if world > 1:
-            dist.all_reduce(s)                                 # normalization constants
-            dist.all_reduce(mean_y)                            # initial b_dec
-            s, mean_y = s / world, mean_y / world
-        s_in, s_out = s.tolist()
+        s_in, s_out = rank_mean(s).tolist()                    # normalization constants
         with torch.no_grad():
-            sae.b_dec.copy_(mean_y)                            # b_dec = mean of the targets
+            sae.b_dec.copy_(rank_mean(y0.mean(0)) * s_out)     # initial b_dec = mean of the targets
         if cfg.grid_search_init_norm:
+            # each rank's MSE at each r, averaged over ranks: the search sees the global batch and
+            # every rank picks the same r (on its own batch alone, the ranks' r differ)
             sae.train()
-            r = sae.grid_search_init_norm_((x0 * s_in).to(sae.W_enc.dtype), y0 * s_out)
+            r = sae.grid_search_init_norm_((x0 * s_in).to(sae.W_enc.dtype), y0 * s_out, rank_mean)
             sae.threshold.fill_(-1.0)                          # forget the search's batches
             print0(f"grid search: decoder rows start at norm {r:.3f}")
     if rank == 0:

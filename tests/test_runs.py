@@ -139,3 +139,11 @@ def test_torchrun_two_processes_train_resume_and_match_one_process(tiny_model_pa
                          random.randint(5, 40), torchrun=True)
     run(args_for(tiny_model_path, cut, "--checkpoint-every", "1", "--resume", str(cut)), torchrun=True)
     assert max_diff(weights(two), weights(cut)) == 0.0
+
+
+def test_ranks_whose_first_batches_differ_still_start_from_the_same_sae(tiny_model_path, tmp_path):
+    """One token per rank and step: the init's grid search on each rank's own token would pick a
+    different decoder norm on each rank. The ranks assert at the end that their weights agree."""
+    r = run(args_for(tiny_model_path, tmp_path, "--batch-size", "2", "--buffer-size", "4",
+                     "--total-training-tokens", "8"), torchrun=True)
+    assert "grid search" in r.stdout and os.path.exists(tmp_path / "sae.safetensors")
