@@ -249,12 +249,13 @@ def k_at(step: int, cfg: Config, total_steps: int) -> int:
 
 
 def lr_at(step: int, cfg: Config, total_steps: int) -> float:
-    """Linear warmup, constant, linear decay over the last lr_decay_steps to lr * lr_end_ratio."""
+    """Linear warmup, constant, linear decay over the last lr_decay_steps to lr * lr_end_ratio
+    at the last step."""
     warm = steps_of(cfg.lr_warmup_steps, total_steps)
     decay = steps_of(cfg.lr_decay_steps, total_steps)
     if step < warm:
         return cfg.lr * (step + 1) / warm
-    left = total_steps - step
+    left = total_steps - 1 - step                  # steps after this one
     if left < decay:
         return cfg.lr * (cfg.lr_end_ratio + (1 - cfg.lr_end_ratio) * left / decay)
     return cfg.lr

@@ -41,9 +41,9 @@ def test_lr_schedule():
     assert train.lr_at(0, c, 100) == pytest.approx(0.1)
     assert train.lr_at(9, c, 100) == pytest.approx(1.0)
     assert train.lr_at(50, c, 100) == 1.0
-    assert train.lr_at(80, c, 100) == pytest.approx(1.0)           # 20 left: decay starts
-    assert train.lr_at(90, c, 100) == pytest.approx(1 / 32 + (1 - 1 / 32) * 0.5)
-    assert train.lr_at(99, c, 100) == pytest.approx(1 / 32 + (1 - 1 / 32) / 20)
+    assert train.lr_at(79, c, 100) == pytest.approx(1.0)           # 20 after it: decay starts
+    assert train.lr_at(89, c, 100) == pytest.approx(1 / 32 + (1 - 1 / 32) * 0.5)
+    assert train.lr_at(99, c, 100) == pytest.approx(1 / 32)        # the last step: lr / 32
 
 
 def run_train(*args, timeout=600, env=None):
