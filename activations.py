@@ -227,9 +227,11 @@ def iter_contexts(make_texts, tokenizer, context_size: int, rank: int = 0, world
     tokenized but skipped (resuming a run)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     n, encode = context_size - 1, functools.partial(tokenizer, add_special_tokens=False)
-    pending, i, p = [], 0, 0
+    i, p = 0, 0
     while passes is None or p < passes:
-        j = 0                                          # index within this pass
+        # every pass is cut as the first was (the tail shorter than a context is dropped): carried
+        # over, the tail would shift the next pass's contexts into the held-out text
+        pending, j = [], 0                             # j: index within this pass
         for enc in (map if eval else ahead)(encode, make_texts()):   # evaluation reads little
             pending += enc["input_ids"] + [eos]
             # read through the list and drop what was read once per document: slicing off each

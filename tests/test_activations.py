@@ -59,6 +59,13 @@ def test_ranks_are_disjoint_and_cover_every_context(tiny_model):
     assert held == [0, 1]
 
 
+def test_every_pass_is_cut_alike_so_held_out_text_is_never_trained_on(tiny_model):
+    tok = tiny_model.tokenizer
+    one = [c.tolist() for _, c in acts.iter_contexts(lambda: texts(), tok, 16, held_out=2, passes=1)]
+    three = [c.tolist() for _, c in acts.iter_contexts(lambda: texts(), tok, 16, held_out=2, passes=3)]
+    assert three == one * 3         # (a pass's contexts leave out the held-out ones: test above)
+
+
 def test_resume_start_skips_exactly_the_consumed_contexts(tiny_model):
     tok = tiny_model.tokenizer
     full = list(acts.iter_contexts(lambda: texts(), tok, 16, passes=3))
