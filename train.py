@@ -514,13 +514,14 @@ class Window:
         self.steps += 1
 
     def read(self, world: int) -> dict:
+        terms = torch.tensor(list(self.terms.values()), dtype=torch.float64, device=self.sums.device)
         if world > 1:
-            for t in (self.sums, self.y_sum):
+            for t in (self.sums, self.y_sum, terms):        # the loss terms: their mean over ranks
                 dist.all_reduce(t)
         n, err, y2, nnz = self.sums.tolist()
         freq = self.fired / n               # both summed over ranks: fired in the loop, n just above
         return {"n": n / world, "explained_variance": 1 - err / (y2 - self.y_sum.pow(2).sum().item() / n),
-                "l0": nnz / n, **{k: v / self.steps for k, v in self.terms.items()},
+                "l0": nnz / n, **{k: v / (self.steps * world) for k, v in zip(self.terms, terms.tolist())},
                 "ultra_rare": (freq < 1e-5).float().mean().item(),
                 "dense": (freq > 1e-1).float().mean().item()}
 
@@ -610,9 +611,11 @@ def _type_ok(value, tp) -> bool:
 def _check_compatible(saved: dict, cfg: Config):
     """A checkpoint continues only the run that wrote it: the fields that shape the SAE, the data
     or the schedule must match."""
-    keys = ("model", "dataset", "hook_point_in", "hook_point_out", "act_fn", "expansion_factor",
-            "top_k", "batch_size", "total_training_tokens", "context_size", "buffer_size",
-            "perm_seed", "dtype", "eval_tokens")
+    keys = ("model", "model_dtype", "dataset", "dataset_split", "text_column", "activations",
+            "ignore_token_ids", "max_norm_ratio", "hook_point_in", "hook_point_out", "act_fn",
+            "expansion_factor", "top_k", "initial_k", "k_warmup_steps", "k_cold_booting_steps",
+            "k_schedule_type", "k_exponential_factor", "batch_size", "total_training_tokens",
+            "context_size", "buffer_size", "perm_seed", "dtype", "eval_tokens")
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in keys
             if saved.get(k) != getattr(cfg, k)]
     if diff:
@@ -650,6 +653,8 @@ def main(cfg: Config) -> dict:
     if not ckpt and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise ValueError(f"{cfg.exp_result_path} holds checkpoints of another run: continue it with "
                          f"--resume {cfg.exp_result_path}, or pick another --exp-result-path")
+    if ckpt:                                   # before the model loads
+        _check_compatible(ckpt["config"], cfg)
     if ckpt and len(ckpt["data"]) != world:
         raise ValueError(f"--resume: the checkpoint was written by {len(ckpt['data'])} processes, "
                          f"this run has {world}; resume with the same --nproc_per_node")
@@ -708,7 +713,6 @@ def main(cfg: Config) -> dict:
     since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)   # tokens since last fire
     step = 0
     if ckpt:
-        _check_compatible(ckpt["config"], cfg)
         sae.load_state_dict(ckpt["sae"])
         opt.load_state_dict(ckpt["opt"])
         s_in, s_out, step = ckpt["s_in"], ckpt["s_out"], ckpt["step"]
