@@ -579,13 +579,14 @@ class SAE(nn.Module):
             self.W_enc.copy_(self.W_dec.T)
 
     @torch.no_grad()
-    def grid_search_init_norm_(self, x_BD: torch.Tensor, y_BD: torch.Tensor, mean=lambda t: t) -> float:
-        """Pick the decoder-row norm r with the lowest reconstruction MSE on one batch: a coarse
-        search over linspace(0.1, 5.0, 50), then a fine one around the best coarse value. mean()
-        turns this batch's MSE into the global batch's (train.py: the mean over ranks)."""
+    def grid_search_init_norm_(self, x_BD: torch.Tensor, y_BD: torch.Tensor, k: int | None = None,
+                               mean=lambda t: t) -> float:
+        """Pick the decoder-row norm r with the lowest reconstruction MSE on one batch (at the k of
+        the first step): a coarse search over linspace(0.1, 5.0, 50), then a fine one around the best
+        coarse value. mean() turns this batch's MSE into the global batch's (train.py: over ranks)."""
         def mse(r):
             self.set_decoder_norm_(r)
-            return mean((self(x_BD)[0] - y_BD).pow(2).sum(-1).mean()).item()
+            return mean((self(x_BD, k)[0] - y_BD).pow(2).sum(-1).mean()).item()
         coarse = min(torch.linspace(0.1, 5.0, 50).tolist(), key=mse)
         best = min(torch.linspace(coarse - 0.09, coarse + 0.1, 20).tolist(), key=mse)
         self.set_decoder_norm_(best)

@@ -734,7 +734,8 @@ def main(cfg: Config) -> dict:
             # each rank's MSE at each r, averaged over ranks: the search sees the global batch and
             # every rank picks the same r (on its own batch alone, the ranks' r differ)
             sae.train()
-            r = sae.grid_search_init_norm_((x0 * s_in).to(sae.W_enc.dtype), y0 * s_out, rank_mean)
+            r = sae.grid_search_init_norm_((x0 * s_in).to(sae.W_enc.dtype), y0 * s_out,
+                                           k_at(0, cfg, total_steps), rank_mean)
             sae.threshold.fill_(-1.0)                          # forget the search's batches
             print0(f"grid search: decoder rows start at norm {r:.3f}")
     if rank == 0:

@@ -382,6 +382,15 @@ def test_grid_search_finds_the_known_best_norm():
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((8,), r))
 
 
+def test_grid_search_measures_at_the_k_it_is_given():
+    # train.py passes the first step's k, initial_k under a k schedule, not top_k
+    torch.manual_seed(0)
+    x, at_2, at_16 = torch.randn(64, 16), SAE(16, 64, "topk", top_k=2), SAE(16, 64, "topk", top_k=16)
+    at_16.load_state_dict(at_2.state_dict())
+    r2 = at_2.grid_search_init_norm_(x, x)
+    assert at_16.grid_search_init_norm_(x, x, k=2) == r2 != at_16.grid_search_init_norm_(x, x)
+
+
 def test_folded_scales_give_the_same_output_on_raw_activations():
     for act_fn in ("relu", "jumprelu", "topk", "batchtopk"):
         sae = make(act_fn, jumprelu_init_threshold=0.05)
