@@ -199,7 +199,8 @@ def iter_texts(dataset: str, split: str = "train", text_column: str = "text"):
         if text_column not in row:
             raise ValueError(f"dataset {dataset} has no column {text_column!r}; "
                              f"its columns are {sorted(row)}: pass --text-column")
-        yield row[text_column]
+        if row[text_column] is not None:                 # (some datasets have empty rows)
+            yield row[text_column]
 
 
 def _jsonl_texts(lines, path: str, text_column: str):
@@ -211,9 +212,11 @@ def _jsonl_texts(lines, path: str, text_column: str):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {n}: not JSON ({e})") from None
-        if text_column not in row:
-            raise ValueError(f"{path}, line {n}, has no key {text_column!r} (its keys are "
-                             f"{sorted(row)}): pass --text-column")
+        if not isinstance(row, dict) or text_column not in row:
+            keys = f" (its keys are {sorted(row)})" if isinstance(row, dict) else ""
+            raise ValueError(f"{path}, line {n}, has no key {text_column!r}{keys}: pass --text-column")
+        if not isinstance(row[text_column], str):
+            raise ValueError(f"{path}, line {n}: {text_column!r} is {row[text_column]!r}, not a string")
         yield row[text_column]
 
 

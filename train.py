@@ -760,8 +760,28 @@ def main(cfg: Config) -> dict:
     bar = progress_bar(total_steps * cfg.batch_size, step * cfg.batch_size, rank)
     t0 = saved_at = time.time()
     diverged = False
+    def write_checkpoint(snap):
+        all_data = [snap]
+        if world > 1:                                                  # every rank's data position
+            all_data = [None] * world
+            dist.all_gather_object(all_data, snap)
+        if rank == 0:
+            save_checkpoint(ckpt_dir, dict(
+                step=step, sae=sae.state_dict(), opt=opt.state_dict(), s_in=s_in, s_out=s_out,
+                since_fired=since_fired.cpu(), rng=torch.get_rng_state(), data=all_data,
+                config=run_config(cfg), wandb_id=wandb_run.id if wandb_run else None),
+                cfg.keep_checkpoints)
+
+    snap = None                 # the data position after the last batch trained on
     while step < total_steps:
-        x, y, snap = next(batches)
+        try:
+            x, y, snap = next(batches)
+        except ValueError as e:  # bad data (e.g. a broken line deep in a .jsonl): keep the steps done
+            if world > 1 or snap is None:   # (under torchrun the other ranks wait in a collective)
+                raise
+            write_checkpoint(snap)
+            raise ValueError(f"{e} (checkpoint written at step {step}: fix the data, then "
+                             f"--resume {cfg.exp_result_path})") from None
         x, y = x * s_in, y * s_out
         k, lr = k_at(step, cfg, total_steps), lr_at(step, cfg, total_steps)
         for group in opt.param_groups:
@@ -835,16 +855,7 @@ def main(cfg: Config) -> dict:
             break
         if stop_now or due or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             saved_at = time.time()
-            all_data = [snap]
-            if world > 1:                                              # every rank's data position
-                all_data = [None] * world
-                dist.all_gather_object(all_data, snap)
-            if rank == 0:
-                save_checkpoint(ckpt_dir, dict(
-                    step=step, sae=sae.state_dict(), opt=opt.state_dict(), s_in=s_in, s_out=s_out,
-                    since_fired=since_fired.cpu(), rng=torch.get_rng_state(), data=all_data,
-                    config=run_config(cfg), wandb_id=wandb_run.id if wandb_run else None),
-                    cfg.keep_checkpoints)
+            write_checkpoint(snap)
             if stop_now:
                 print0(f"stopped by a signal at step {step}; checkpoint written, resume with "
                        f"--resume {cfg.exp_result_path}")

@@ -1,5 +1,6 @@
 """train.py: schedules, config validation and files, and real training runs."""
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -208,3 +209,25 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_checkpoints(tiny_mode
     assert at > 1 and saved[-1] == f"step_{at - 1:09d}.pt"     # none of the nan weights
     ckpt = torch.load(out / "checkpoints" / saved[-1], weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["sae"].values())
+
+
+def test_bad_data_deep_in_a_run_keeps_the_steps_done_and_the_run_resumes(tiny_model_path, tmp_path):
+    import gzip
+    import activations as acts
+    with gzip.open(os.path.join(acts.EMBEDDED_DATASET, "persuasion.txt.gz"), "rt") as f:
+        paragraphs = [p for p in f.read().split("\n\n") if len(p) > 200][:300]
+    data, out = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    lines = [json.dumps({"text": p}) for p in paragraphs]
+    (data / "a.jsonl").write_text("\n".join(lines + ['{"text": "broken']) + "\n")
+    c = cfg(model=tiny_model_path, model_dtype="float32", device="cpu", hook_point_in="blocks.1.hook_resid_post",
+            dataset=str(data), context_size=64, eval_tokens=1024, model_batch_contexts=4, top_k=8,
+            batch_size=256, buffer_size=1024, total_training_tokens=256 * 200, log_frequency=10,
+            exp_result_path=str(out))
+    with pytest.raises(ValueError, match=r"line 301: not JSON .*checkpoint written at step (\d+)") as e:
+        train.main(c)
+    at = int(re.search(r"step (\d+)", str(e.value)).group(1))
+    assert at > 20 and os.listdir(out / "checkpoints") == [f"step_{at:09d}.pt"]
+    (data / "a.jsonl").write_text("\n".join(lines + [json.dumps({"text": "mended"})]) + "\n")
+    res = train.main(dataclasses.replace(c, resume=str(out)))
+    assert res["l0"] == 8
