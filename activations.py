@@ -335,8 +335,7 @@ def next_token_sums(tokens_BT: torch.Tensor, clean_BTV, sae_BTV, zero_BTV, rows:
 def write_cache(folder: str, activations, manifest: dict, max_tokens: int, shard_tokens: int = 65_536):
     """Write up to max_tokens rows of iter_activations' stream as shards of ~shard_tokens rows, each
     under a temporary name then renamed, in the model's dtype; manifest.json comes last."""
-    if os.path.exists(os.path.join(folder, "manifest.json")):
-        raise ValueError(f"{folder} already holds a complete cache; train from it with --activations")
+    assert not os.path.exists(os.path.join(folder, "manifest.json")), f"{folder} holds a cache"
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     keys = ("x", "tokens") if manifest["sae"] else ("x", "y", "tokens")    # an SAE's y is its x

@@ -663,8 +663,8 @@ def main(cfg: Config) -> dict:
     # --- the language model (or a cache of its activations) and the activation stream ----------
     d_model = check_model_and_data(cfg)        # the LM evaluates at the end, from a cache too
     if cfg.activations:                        # the cache says what it holds; no LM while training
-        manifest = acts.read_manifest(cfg.activations, {"model": cfg.model, "hook_point_in":
-                                                        cfg.hook_point_in, "hook_point_out": cfg.hook_out})
+        manifest = acts.read_manifest(cfg.activations, {**{k: getattr(cfg, k) for k in CACHE_KEYS},
+                                                        "hook_point_out": cfg.hook_out})
         d_in, d_out = manifest["d_in"], manifest["d_out"]
         # the LM only where it evaluates: rank 0, with --eval-every (else at the end)
         model, drop_ids = load_lm(cfg, device) if cfg.eval_every and rank == 0 else (None, None)
@@ -907,6 +907,11 @@ def _finish(world: int):
         dist.destroy_process_group()
 
 
+# What a cache was made from; a run trains from it only with the same (the held-out text above all).
+CACHE_KEYS = ("model", "model_dtype", "hook_point_in", "dataset", "dataset_split", "text_column",
+              "context_size", "eval_tokens", "eval_dataset", "ignore_token_ids", "max_norm_ratio")
+
+
 def cache_main(cfg: Config) -> dict:
     """--cache-activations DIR: write total_training_tokens of the activation stream (held-out
     contexts excluded) to DIR, so that runs with --activations DIR skip the LM entirely."""
@@ -917,9 +922,10 @@ def cache_main(cfg: Config) -> dict:
     check_model_and_data(cfg)
     model, drop_ids = load_lm(cfg, device)
     d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out)
-    keys = ("model", "model_dtype", "hook_point_in", "context_size", "dataset", "dataset_split",
-            "eval_tokens", "ignore_token_ids", "max_norm_ratio")
-    manifest = {k: getattr(cfg, k) for k in keys}
+    if os.path.exists(os.path.join(cfg.cache_activations, "manifest.json")):       # before the LM loads
+        raise ValueError(f"{cfg.cache_activations} already holds a complete cache; train from it "
+                         f"with --activations {cfg.cache_activations}")
+    manifest = {k: getattr(cfg, k) for k in CACHE_KEYS}
     manifest.update(hook_point_out=cfg.hook_out, sae=cfg.hook_out == cfg.hook_point_in,
                     d_in=d_in, d_out=d_out)
     bar = progress_bar(cfg.total_training_tokens, 0, 0)

@@ -54,6 +54,8 @@ def test_incomplete_or_mismatched_caches_are_refused(tiny_model_path, tmp_path):
                             hook_point_in="blocks.0.hook_resid_post"))
     with pytest.raises(ValueError, match="model"):
         train.main(tiny_cfg(tiny_model_path, tmp_path / "run", activations=str(cache), model="gpt2"))
+    with pytest.raises(ValueError, match="eval_tokens = 1024, this run wants 4096"):   # held-out text
+        train.main(tiny_cfg(tiny_model_path, tmp_path / "run", activations=str(cache), eval_tokens=4096))
     shard = cache / json.load(open(cache / "manifest.json"))["shards"][0]["file"]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])                      # a truncated shard
