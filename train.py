@@ -741,8 +741,13 @@ def main(cfg: Config) -> dict:
     if rank == 0:
         os.makedirs(cfg.exp_result_path, exist_ok=True)
         write_json(run_config(cfg), os.path.join(cfg.exp_result_path, "train_config.json"))
-        if not ckpt and os.path.exists(os.path.join(cfg.exp_result_path, "log.jsonl")):
-            os.remove(os.path.join(cfg.exp_result_path, "log.jsonl"))
+        log_path = os.path.join(cfg.exp_result_path, "log.jsonl")
+        if os.path.exists(log_path):     # a new run starts a new log; a resumed one drops the lines
+            with open(log_path) as f:    # after its checkpoint (and a line cut short by a kill)
+                keep = [l for l in f if ckpt and l.endswith("\n") and json.loads(l)["step"] <= step]
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(log_path + ".tmp", log_path)
     penalty = cfg.sparsity_loss or ("l1" if cfg.act_fn == "relu" else "tanh")
     coef = cfg.sparsity_coefficient if cfg.sparsity_coefficient is not None else \
         DEFAULT_SPARSITY_COEFFICIENT[penalty]

@@ -231,3 +231,14 @@ def test_bad_data_deep_in_a_run_keeps_the_steps_done_and_the_run_resumes(tiny_mo
     (data / "a.jsonl").write_text("\n".join(lines + [json.dumps({"text": "mended"})]) + "\n")
     res = train.main(dataclasses.replace(c, resume=str(out)))
     assert res["l0"] == 8
+
+
+def test_a_resumed_run_logs_each_step_once(tiny_model_path, tmp_path):
+    # resumed from step 10 of a finished 20-step run: the log's lines after step 10 are replaced
+    c = cfg(model=tiny_model_path, model_dtype="float32", device="cpu", hook_point_in="blocks.1.hook_resid_post",
+            context_size=64, eval_tokens=1024, model_batch_contexts=4, top_k=8, batch_size=256,
+            buffer_size=1024, total_training_tokens=256 * 20, log_frequency=1, checkpoint_every=5,
+            keep_checkpoints=10, exp_result_path=str(tmp_path))
+    train.main(c)
+    train.main(dataclasses.replace(c, resume=str(tmp_path / "checkpoints" / f"step_{10:09d}.pt")))
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == list(range(1, 21))
