@@ -104,7 +104,7 @@ class Config:
     sparsity_coefficient: float | None = None
     """lambda of the penalty; unset = a default that gives L0 ~ 60 on the embedded default."""
     sparsity_warmup_steps: float = 0.05
-    """lambda grows linearly from 0 over these steps (a float in (0, 1): fraction of the run)."""
+    """lambda grows linearly from 0 over these steps (int, or a float in (0, 1): fraction of the run)."""
     pre_act_loss_coefficient: float = 0.0
     """JumpReLU pre-activation loss coefficient (0 = off)."""
     jumprelu_threshold_window: float = 0.1
@@ -126,7 +126,7 @@ class Config:
     initial_k: int | None = None
     """start with this k and anneal to top_k; unset = constant k."""
     k_warmup_steps: float = 0.1
-    """steps to move k from initial_k to top_k (a float in (0, 1): fraction of the run)."""
+    """steps to move k from initial_k to top_k (int, or a float in (0, 1): fraction of the run)."""
     k_cold_booting_steps: float = 0
     """steps to hold k = initial_k before the warmup (int, or fraction of the run)."""
     k_schedule_type: Literal["linear", "exponential"] = "linear"
@@ -176,7 +176,7 @@ class Config:
 
     # --- what to do (not part of a run's saved config) -------------------------------------------
     config: str | None = None
-    """a .toml/.json/.yaml file of these fields; flags given after it override it."""
+    """a .toml/.json/.yaml file of these fields; flags override it."""
     resume: str | None = None
     """continue from a checkpoint file, or the latest one of a run folder."""
     eval_only: str | None = None
@@ -574,17 +574,23 @@ def write_json(obj: dict, path: str):
 def read_config_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"--config {path}: no such file")
+    if not path.endswith((".toml", ".json", ".yaml", ".yml")):
+        raise ValueError(f"--config {path}: use a .toml, .json, .yaml or .yml file")
     with open(path, "rb") as f:
-        if path.endswith(".toml"):
-            import tomllib
-            values = tomllib.load(f)
-        elif path.endswith((".yaml", ".yml")):
-            import yaml
-            values = yaml.safe_load(f) or {}
-        elif path.endswith(".json"):
-            values = json.load(f)
-        else:
-            raise ValueError(f"--config {path}: use a .toml, .json, .yaml or .yml file")
+        try:
+            if path.endswith(".toml"):
+                import tomllib
+                values = tomllib.load(f)
+            elif path.endswith(".json"):
+                values = json.load(f)
+            else:
+                import yaml
+                values = yaml.safe_load(f) or {}
+        except Exception as e:                        # a syntax error: name the file, in one line
+            raise ValueError(f"--config {path}: cannot be parsed ({' '.join(str(e).split())})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: should hold key = value pairs of Config fields, not a "
+                         f"{type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for key, value in values.items():
         if key not in fields or key in NOT_SAVED:
@@ -632,7 +638,8 @@ def parse_args(argv: list[str]) -> Config:
             if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
                 value = a.split("=", 1)[1] if "=" in a else argv[i + 1]
                 defaults.update(reader(value))
-    return tyro.cli(Config, args=argv, default=Config(**defaults) if defaults else None)
+    return tyro.cli(Config, args=argv, default=Config(**defaults) if defaults else None,
+                    description=__doc__)
 
 
 def main(cfg: Config) -> dict:
