@@ -202,6 +202,16 @@ class Config:
         if self.initial_k is not None and self.initial_k < self.top_k:
             raise ValueError(f"--initial-k ({self.initial_k}) must be >= --top-k ({self.top_k}): "
                              f"the schedule anneals k down to top_k")
+        # an option of another activation function would be silently ignored
+        topk = self.act_fn in ("topk", "batchtopk")
+        for flag, ignored in (("--initial-k", self.initial_k is not None and not topk),
+                              ("--sparsity-loss", self.sparsity_loss is not None and topk),
+                              ("--sparsity-coefficient", self.sparsity_coefficient is not None and topk),
+                              ("--pre-act-loss-coefficient", self.pre_act_loss_coefficient > 0
+                               and self.act_fn != "jumprelu")):
+            if ignored:
+                raise ValueError(f"{flag} does nothing with --act-fn {self.act_fn}: drop it, or pick "
+                                 f"the activation function it is for")
         if os.path.isfile(self.exp_result_path):
             raise ValueError(f"--exp-result-path {self.exp_result_path} is a file: give a folder")
         for flag, name in (("--dataset", self.dataset), ("--eval-dataset", self.eval_dataset)):
