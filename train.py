@@ -561,8 +561,12 @@ def progress_bar(total: int, done: int, rank: int):
 def start_wandb(cfg: Config, ckpt: dict | None):
     import wandb                                 # lazily: only runs that ask for W&B need it
     run_id = ckpt.get("wandb_id") if ckpt else None
-    return wandb.init(project=cfg.wandb_project or "nanosae", name=cfg.exp_name, config=run_config(cfg),
-                      id=run_id, resume="allow" if run_id else None, dir=cfg.exp_result_path)
+    try:
+        return wandb.init(project=cfg.wandb_project or "nanosae", name=cfg.exp_name, config=run_config(cfg),
+                          id=run_id, resume="allow" if run_id else None, dir=cfg.exp_result_path)
+    except Exception as e:                          # no login, no network: one line, not a traceback
+        raise ValueError(f"W&B cannot start ({' '.join(str(e).split())}): run `wandb login`, or set "
+                         f"WANDB_MODE=offline and `wandb sync` later") from None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -675,6 +679,10 @@ def main(cfg: Config) -> dict:
     if ckpt and len(ckpt["data"]) != world:
         raise ValueError(f"--resume: the checkpoint was written by {len(ckpt['data'])} processes, "
                          f"this run has {world}; resume with the same --nproc_per_node")
+    wandb_run = None
+    if rank == 0 and (cfg.wandb_project or cfg.exp_name):     # before the model loads: no login fails fast
+        os.makedirs(cfg.exp_result_path, exist_ok=True)
+        wandb_run = start_wandb(cfg, ckpt)
     torch.manual_seed(cfg.seed)
 
     # --- the language model (or a cache of its activations) and the activation stream ----------
@@ -768,7 +776,6 @@ def main(cfg: Config) -> dict:
     penalty = cfg.sparsity_loss or ("l1" if cfg.act_fn == "relu" else "tanh")
     coef = cfg.sparsity_coefficient if cfg.sparsity_coefficient is not None else \
         DEFAULT_SPARSITY_COEFFICIENT[penalty]
-    wandb_run = start_wandb(cfg, ckpt) if rank == 0 and (cfg.wandb_project or cfg.exp_name) else None
 
     # SIGTERM / SIGINT: finish the step, write a checkpoint, exit 0.
     stop = {"now": False}

@@ -81,6 +81,15 @@ def test_bad_input_fails_fast_with_one_line(args, message):
     assert "Loading weights" not in r.stderr and "Traceback" not in r.stderr
 
 
+def test_wandb_without_a_login_fails_before_the_model_loads(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    r = subprocess.run([sys.executable, "train.py", "--wandb-project", "p", "--exp-result-path",
+                        str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**env, "HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path)})
+    assert r.returncode == 2 and "W&B cannot start" in r.stderr and "WANDB_MODE=offline" in r.stderr
+    assert "Loading weights" not in r.stderr and "Traceback" not in r.stderr
+
+
 def test_a_wrong_text_column_fails_before_the_model_loads(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"content": "It is a truth universally acknowledged."}\n')
     r = run_train("--dataset", str(tmp_path), timeout=60)
