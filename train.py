@@ -212,8 +212,14 @@ class Config:
             if ignored:
                 raise ValueError(f"{flag} does nothing with --act-fn {self.act_fn}: drop it, or pick "
                                  f"the activation function it is for")
-        if os.path.isfile(self.exp_result_path):
-            raise ValueError(f"--exp-result-path {self.exp_result_path} is a file: give a folder")
+        for flag, folder in (("--exp-result-path", self.exp_result_path), ("--cache-activations",
+                                                                            self.cache_activations)):
+            at = os.path.abspath(folder or ".")         # the folder, or the part of its path that exists
+            while not os.path.exists(at):
+                at = os.path.dirname(at)
+            if not os.path.isdir(at) or not os.access(at, os.W_OK):
+                raise ValueError(f"{flag} {folder}: not a folder this process can write to ({at} is "
+                                 f"not); give another path")
         for flag, name in (("--dataset", self.dataset), ("--eval-dataset", self.eval_dataset)):
             if name and _looks_local(name) and not os.path.isdir(name):
                 raise ValueError(f"{flag} {name} does not exist: give a folder of "

@@ -68,6 +68,7 @@ def run_train(*args, timeout=600, env=None):
     (["--eval-tokens", "100"], "must hold at least one context"),
     (["--initial-k", "5000"], "must be below d_sae"),
     (["--act-fn", "relu", "--initial-k", "128"], "--initial-k does nothing with --act-fn relu"),
+    (["--exp-result-path", "README.md/run"], "--exp-result-path README.md/run: not a folder"),
     (["--context-size", "100000", "--eval-tokens", "200000"], "longer than SmolLM2-135M-Instruct takes"),
     (["--device", "cuda:99"], "--device cuda:99: this machine has"),
     (["--device", "gpu"], "not a device name"),
