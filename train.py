@@ -649,11 +649,12 @@ def _check_compatible(saved: dict, cfg: Config):
 
 
 def parse_args(argv: list[str]) -> Config:
-    """tyro flags over an optional --config file over, when resuming, the run's own config."""
+    """tyro flags over an optional --config file over the run's own config: when resuming, or
+    evaluating a saved SAE (--eval-only)."""
     import tyro
     defaults = {}
     for flag, reader in (("--resume", lambda p: load_checkpoint(p)["config"]),
-                         ("--config", read_config_file)):
+                         ("--eval-only", saved_run_config), ("--config", read_config_file)):
         for i, a in enumerate(argv):
             if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
                 value = a.split("=", 1)[1] if "=" in a else argv[i + 1]
@@ -973,15 +974,31 @@ def cache_main(cfg: Config) -> dict:
     return manifest
 
 
-def eval_only(folder: str, eval_dataset: str | None = None, device: str | None = None) -> dict:
-    """Evaluate a saved SAE folder on the held-out text of its run (or on eval_dataset), print
-    the table and write eval.json into the folder. The device is this machine's, not the run's."""
-    sae = SAE.load(folder)
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = Config(**{**json.load(f)["train"], "device": device, "generator_device": None})
-    cfg.eval_dataset = eval_dataset or cfg.eval_dataset
+def saved_run_config(folder: str) -> dict:
+    """The config of the run that saved this SAE folder ({} if SAE.save wrote it alone), less the
+    device: --eval-only runs on this machine's."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return {}                                   # (SAE.load says what is missing)
+    with open(path) as f:
+        saved = json.load(f).get("train", {})
+    return {k: v for k, v in saved.items() if k not in ("device", "generator_device")}
+
+
+def eval_only(cfg: Config) -> dict:
+    """Evaluate the saved SAE folder cfg.eval_only on the held-out text of its run (or on
+    --eval-dataset), print the table and write eval.json into the folder. cfg is the run's config
+    (parse_args) with the flags given now over it: the model and hook of an SAE saved by SAE.save."""
+    folder, sae = cfg.eval_only, SAE.load(cfg.eval_only)
+    held_out = saved_run_config(folder).get("eval_tokens", cfg.eval_tokens)
+    if cfg.eval_tokens > held_out and not cfg.eval_dataset:
+        raise ValueError(f"--eval-tokens {cfg.eval_tokens}: the run held out only its first {held_out} "
+                         f"tokens (the rest it trained on); ask for fewer, or give --eval-dataset")
     device = default_device(cfg)
     model, drop_ids = load_lm(cfg, device)
+    if (sae.d_in, sae.d_out) != acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out):
+        raise ValueError(f"{folder}: the SAE maps {sae.d_in} -> {sae.d_out}, {cfg.model}'s "
+                         f"{cfg.hook_point_in} -> {cfg.hook_out} is not that; give --model and --hook-point-in")
     result = evaluate(sae.to(device), model, cfg, drop_ids, device)
     print_eval(result, f"held-out evaluation ({folder})", folder)
     return result
@@ -991,7 +1008,7 @@ if __name__ == "__main__":
     try:
         cfg = parse_args(sys.argv[1:])
         if cfg.eval_only:
-            eval_only(cfg.eval_only, cfg.eval_dataset, cfg.device)
+            eval_only(cfg)
         elif cfg.cache_activations:
             cache_main(cfg)
         else:

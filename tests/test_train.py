@@ -253,3 +253,19 @@ def test_a_resumed_run_logs_each_step_once(tiny_model_path, tmp_path):
     train.main(c)
     train.main(dataclasses.replace(c, resume=str(tmp_path / "checkpoints" / f"step_{10:09d}.pt")))
     assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == list(range(1, 21))
+
+
+def test_eval_only_takes_the_runs_config_with_flags_over_it(tiny_model_path, tmp_path):
+    out = tmp_path / "run"
+    train.main(cfg(model=tiny_model_path, model_dtype="float32", device="cpu", hook_point_in="blocks.1.hook_resid_post",
+                   context_size=64, eval_tokens=1024, model_batch_contexts=4, top_k=8, batch_size=256,
+                   buffer_size=1024, total_training_tokens=256 * 4, exp_result_path=str(out)))
+    res = train.eval_only(train.parse_args(["--eval-only", str(out), "--eval-tokens", "512"]))
+    assert res["tokens"] == 512 - 512 // 64 and res["l0"] == 8      # 8 contexts, BOS dropped
+    with pytest.raises(ValueError, match="held out only its first 1024 tokens"):
+        train.eval_only(train.parse_args(["--eval-only", str(out), "--eval-tokens", "2048"]))
+    SAE(32, 64, "topk", 8).save(str(tmp_path / "bare"))               # no run config: the flags say
+    bare = train.parse_args(["--eval-only", str(tmp_path / "bare"), "--model", tiny_model_path, "--hook-point-in",
+                             "blocks.0.hook_resid_post", "--model-dtype", "float32", "--eval-tokens", "256",
+                             "--context-size", "64", "--device", "cpu"])
+    assert train.eval_only(bare)["tokens"] == 256 - 4
