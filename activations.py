@@ -336,7 +336,7 @@ def write_cache(folder: str, activations, manifest: dict, max_tokens: int, shard
     """Write up to max_tokens rows of iter_activations' stream as shards of ~shard_tokens rows, each
     under a temporary name then renamed, in the model's dtype; manifest.json comes last."""
     assert not os.path.exists(os.path.join(folder, "manifest.json")), f"{folder} holds a cache"
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     os.makedirs(folder, exist_ok=True)
     keys = ("x", "tokens") if manifest["sae"] else ("x", "y", "tokens")    # an SAE's y is its x
     shards, pending, n, norm_sum = [], [], 0, 0.0
@@ -344,7 +344,8 @@ def write_cache(folder: str, activations, manifest: dict, max_tokens: int, shard
     def flush():
         parts = {k: torch.cat([a[k] for a in pending]).contiguous().cpu() for k in keys}
         name = f"shard_{len(shards):05d}.safetensors"
-        save_file(parts, os.path.join(folder, name + ".tmp"))
+        with open(os.path.join(folder, name + ".tmp"), "wb") as f:   # (save_file: mode 0600)
+            f.write(save(parts))
         os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
         shards.append({"file": name, "tokens": len(parts["tokens"])})
         pending.clear()

@@ -21,7 +21,7 @@ from typing import Literal, NamedTuple, get_args
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 ActFn = Literal["relu", "jumprelu", "topk", "batchtopk"]
 
@@ -621,7 +621,8 @@ class SAE(nn.Module):
         mid-save leaves the previous files, never a half-written one."""
         os.makedirs(folder, exist_ok=True)
         config, weights = os.path.join(folder, "config.json"), os.path.join(folder, "sae.safetensors")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, weights + ".tmp")
+        with open(weights + ".tmp", "wb") as f:   # (save_file makes it mode 0600, whatever the umask)
+            f.write(save({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}))
         with open(config + ".tmp", "w") as f:
             json.dump({**(extra or {}), "sae": self.config()}, f, indent=2)
         os.replace(weights + ".tmp", weights)

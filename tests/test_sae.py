@@ -429,6 +429,9 @@ def test_save_load_round_trip(tmp_path):
         before = sae(x)[0]
         sae.save(tmp_path / act_fn, {"note": 1})
         assert sorted(os.listdir(tmp_path / act_fn)) == ["config.json", "sae.safetensors"]
+        umask = os.umask(0o022)
+        os.umask(umask)                                     # readable as the umask says, like config.json
+        assert os.stat(tmp_path / act_fn / "sae.safetensors").st_mode & 0o777 == 0o666 & ~umask
         loaded = SAE.load(tmp_path / act_fn)                # in eval mode: inference is what it is for
         assert loaded.act_fn == act_fn and loaded.top_k == 4
         assert torch.equal(loaded(x)[0], before)
