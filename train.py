@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -920,11 +921,12 @@ def main(cfg: Config) -> dict:
         sae_raw = folded(sae, s_in, s_out)
         extra = {"train": run_config(cfg), "norm_scale_in": s_in, "norm_scale_out": s_out}
         sae_raw.save(cfg.exp_result_path, extra)
-        saes = [sae_raw]
+        saes, folder = [sae_raw], os.path.join(cfg.exp_result_path, "jumprelu")
         if cfg.act_fn == "batchtopk":                     # and its JumpReLU conversion, beside it
-            folder = os.path.join(cfg.exp_result_path, "jumprelu")
             saes.append(folded(sae, s_in, s_out).to_jumprelu_())
             saes[1].save(folder, extra)
+        elif os.path.exists(os.path.join(folder, "sae.safetensors")):   # an earlier run's, in this folder
+            shutil.rmtree(folder)
         result, *converted = evaluate(saes, model, cfg, drop_ids, device)
         print_eval(result, f"held-out evaluation ({cfg.exp_result_path})", cfg.exp_result_path)
         if converted:
@@ -1016,3 +1018,6 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError, FloatingPointError) as e:   # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:          # before or after the training loop, which checkpoints first
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -257,9 +257,12 @@ def test_a_resumed_run_logs_each_step_once(tiny_model_path, tmp_path):
 
 def test_eval_only_takes_the_runs_config_with_flags_over_it(tiny_model_path, tmp_path):
     out = tmp_path / "run"
+    os.makedirs(out / "jumprelu")                   # as an earlier batchtopk run into this folder left it
+    (out / "jumprelu" / "sae.safetensors").write_bytes(b"")
     train.main(cfg(model=tiny_model_path, model_dtype="float32", device="cpu", hook_point_in="blocks.1.hook_resid_post",
                    context_size=64, eval_tokens=1024, model_batch_contexts=4, top_k=8, batch_size=256,
                    buffer_size=1024, total_training_tokens=256 * 4, exp_result_path=str(out)))
+    assert not os.path.exists(out / "jumprelu")     # not beside this topk SAE, as if it were its conversion
     res = train.eval_only(train.parse_args(["--eval-only", str(out), "--eval-tokens", "512"]))
     assert res["tokens"] == 512 - 512 // 64 and res["l0"] == 8      # 8 contexts, BOS dropped
     with pytest.raises(ValueError, match="held out only its first 1024 tokens"):
