@@ -4,7 +4,7 @@
     python train.py --act-fn batchtopk --top-k 64             # one process (GPU if present, else CPU)
     torchrun --nproc_per_node 8 train.py --act-fn topk        # data parallel, same flags
     python train.py --config my_run.toml --lr 2e-4            # a config file; flags override it
-    python train.py --total-training-tokens 50_000 --log-frequency 5     # a CPU smoke run
+    python train.py --total-training-tokens 50_000 --eval-tokens 2048    # a CPU smoke run (<1 min)
     python train.py --resume results/my_run                   # continue from the latest checkpoint
     python train.py --eval-only results/my_run                # evaluate a saved SAE
     python train.py --cache-activations cache/l15             # write the activations once, then
