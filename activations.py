@@ -394,22 +394,24 @@ def read_manifest(folder: str, expect: dict) -> dict:
 def iter_cache(folder: str, manifest: dict, seed: int, rank: int = 0, world_size: int = 1,
                start: int = 0, group: int = 4):
     """Yield (index, chunk) from a cache, forever: (N, d_in + d_out) rows, or (N, d_in) for an SAE
-    (its y is its x). Each pass visits the shards in a fresh random order, `group` of them read
-    together into one chunk, which the mixing buffer shuffles as a whole, so tokens mix across
-    shards. Chunk i belongs to rank i % world_size."""
-    from safetensors.torch import load_file
+    (its y is its x). Each pass visits the shards in a fresh random order (the same on every rank),
+    `group` of them read together into one chunk, which the mixing buffer shuffles as a whole, so
+    tokens mix across shards. Rank r reads the r-th of world_size equal slices of each shard's rows:
+    a pass gives every token to one rank exactly once, and every rank as many."""
+    from safetensors import safe_open
     shards = manifest["shards"]
     per_pass = max(len(shards) // group, 1)
-    i = start
-    while True:
+    for i in itertools.count(start):
         p, j = divmod(i, per_pass)
-        if i % world_size == rank:
-            g = torch.Generator().manual_seed(seed + 1000 * p)
-            order = torch.randperm(len(shards), generator=g).tolist()
-            mine = order[j * group:(j + 1) * group if j < per_pass - 1 else None]   # last: the rest
-            parts = [load_file(os.path.join(folder, shards[s]["file"])) for s in mine]
-            yield i, torch.cat([torch.cat([t["x"], t["y"]], dim=1) if "y" in t else t["x"] for t in parts])
-        i += 1
+        order = torch.randperm(len(shards), generator=torch.Generator().manual_seed(seed + 1000 * p)).tolist()
+        parts = []
+        for s in order[j * group:(j + 1) * group if j < per_pass - 1 else None]:    # last: the rest
+            n = shards[s]["tokens"]
+            with safe_open(os.path.join(folder, shards[s]["file"]), "pt") as f:
+                rows = {k: f.get_slice(k)[n * rank // world_size:n * (rank + 1) // world_size] for k in ("x", "y")
+                        if k in f.keys()}
+            parts.append(torch.cat([rows["x"], rows["y"]], dim=1) if "y" in rows else rows["x"])
+        yield i, torch.cat(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +444,7 @@ def mix(chunks, buffer_size: int, batch_size: int, seed: int, device: str = "cpu
 
     yield from serve()                                 # a resumed run first finishes its half
     for chunk in chunks:
-        buf = chunk if buf is None else torch.cat([buf, chunk.to(buf.device)])
+        buf = chunk if buf is None else torch.cat([buf.to(chunk.device), chunk])
         state["buf"] = buf
         if len(buf) >= buffer_size:
             buf, n_serve = shuffle(buf), max(len(buf) // 2 // batch_size, 1) * batch_size

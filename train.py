@@ -14,6 +14,7 @@ The config is one flat dataclass; every field is a flag (--act-fn, --top-k, ...)
 """
 import ctypes
 import dataclasses
+import datetime
 import glob
 import itertools
 import json
@@ -674,7 +675,10 @@ def main(cfg: Config) -> dict:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # rank 0 evaluates (--eval-every, the end) while the others wait: NCCL's default timeout of
+        # 10 minutes is too short for a large LM's evaluation
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(hours=2))
     B = cfg.batch_size // world                                  # this rank's share of a step
     total_steps = cfg.total_training_tokens // cfg.batch_size
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
@@ -729,7 +733,7 @@ def main(cfg: Config) -> dict:
         """Yields (x, y, data position after this batch); rank r's buffer is seeded perm_seed + r."""
         for xy in acts.mix(chunks(), cfg.buffer_size, B, cfg.perm_seed + rank,
                            cfg.generator_device or device, data["mix"]):
-            xy = xy.to(getattr(torch, cfg.dtype))
+            xy = xy.to(device, getattr(torch, cfg.dtype))     # (a resumed buffer starts on the CPU)
             yield xy[:, :d_in], xy if sae_only else xy[:, d_in:], {**data, "mix": dict(data["mix"])}
     batches = stream()
 
@@ -798,10 +802,13 @@ def main(cfg: Config) -> dict:
     t0 = saved_at = time.time()
     diverged = False
     def write_checkpoint(snap):
+        # the mixing buffer on the CPU and only its rows: pickled or saved, a view of a GPU tensor
+        # is all of its storage, on that GPU
+        snap = {**snap, "mix": {k: v.cpu().clone() if k == "buf" else v for k, v in snap["mix"].items()}}
         all_data = [snap]
-        if world > 1:                                                  # every rank's data position
-            all_data = [None] * world
-            dist.all_gather_object(all_data, snap)
+        if world > 1:                                          # every rank's data position, to rank 0
+            all_data = [None] * world if rank == 0 else None
+            dist.gather_object(snap, all_data, dst=0)
         if rank == 0:
             save_checkpoint(ckpt_dir, dict(
                 step=step, sae=sae.state_dict(), opt=opt.state_dict(), s_in=s_in, s_out=s_out,
@@ -916,8 +923,6 @@ def main(cfg: Config) -> dict:
     # --- save (normalization folded into the weights) and evaluate on held-out text ------------
     result = {}
     if rank == 0:
-        if model is None:                      # trained from a cache: the LM is needed only now
-            model, drop_ids = load_lm(cfg, device)
         sae_raw = folded(sae, s_in, s_out)
         extra = {"train": run_config(cfg), "norm_scale_in": s_in, "norm_scale_out": s_out}
         sae_raw.save(cfg.exp_result_path, extra)
@@ -927,6 +932,8 @@ def main(cfg: Config) -> dict:
             saes[1].save(folder, extra)
         elif os.path.exists(os.path.join(folder, "sae.safetensors")):   # an earlier run's, in this folder
             shutil.rmtree(folder)
+        if model is None:           # trained from a cache: the LM is needed only now, once the SAE is saved
+            model, drop_ids = load_lm(cfg, device)
         result, *converted = evaluate(saes, model, cfg, drop_ids, device)
         print_eval(result, f"held-out evaluation ({cfg.exp_result_path})", cfg.exp_result_path)
         if converted:

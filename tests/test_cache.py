@@ -1,5 +1,6 @@
 """The on-disk activation cache: exact round trip, refusal of incomplete or mismatched caches,
 and training from it."""
+import itertools
 import json
 import os
 
@@ -64,3 +65,20 @@ def test_incomplete_or_mismatched_caches_are_refused(tiny_model_path, tmp_path):
     os.remove(cache / "manifest.json")                             # an interrupted write
     with pytest.raises(ValueError, match="incomplete"):
         train.main(cfg)
+
+
+def test_ranks_read_disjoint_equal_slices_and_each_pass_covers_every_token(tmp_path):
+    rows = torch.arange(10 * 100, dtype=torch.float32).view(-1, 1).repeat(1, 3)     # row r holds r
+    stream = ({"x": rows[i:i + 100], "tokens": torch.zeros(100, dtype=torch.long)} for i in range(0, 1000, 100))
+    manifest = acts.write_cache(str(tmp_path), stream, {"sae": True}, 1000, shard_tokens=100)
+    assert len(manifest["shards"]) == 10                               # 2 chunks of 4 shards, then 2
+    for world in (1, 3):
+        per_rank = [[c for _, c in itertools.islice(acts.iter_cache(str(tmp_path), manifest, 7, r, world), 4)]
+                    for r in range(world)]
+        for p in range(2):                                             # passes of 2 chunks each
+            seen = torch.cat([c[:, 0] for chunks in per_rank for c in chunks[2 * p:2 * p + 2]])
+            assert torch.equal(seen.sort().values, rows[:, 0])         # every token once per pass
+        sizes = [sum(len(c) for c in chunks) for chunks in per_rank]
+        assert max(sizes) - min(sizes) <= 2 * 10                       # equal shares, +-1 row a shard
+    resumed = next(acts.iter_cache(str(tmp_path), manifest, 7, 1, 3, start=3))
+    assert resumed[0] == 3 and torch.equal(resumed[1], per_rank[1][3])

@@ -148,3 +148,15 @@ def test_ranks_whose_first_batches_differ_still_start_from_the_same_sae(tiny_mod
     r = run(args_for(tiny_model_path, tmp_path, "--batch-size", "2", "--buffer-size", "4",
                      "--total-training-tokens", "8"), torchrun=True)
     assert "grid search" in r.stdout and os.path.exists(tmp_path / "sae.safetensors")
+
+
+def test_torchrun_trains_from_a_cache_with_checkpoints(tiny_model_path, tmp_path):
+    # each rank reads its half of every shard; checkpoints gather the ranks' buffers to rank 0
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    run(args_for(tiny_model_path, tmp_path / "x", "--cache-activations", str(cache), steps=30))
+    run(args_for(tiny_model_path, out, "--activations", str(cache), "--checkpoint-every", "10", steps=30),
+        torchrun=True)
+    assert train.json.load(open(out / "eval.json"))["l0"] == 8
+    ckpt = train.load_checkpoint(checkpoints(out)[-1])
+    assert len(ckpt["data"]) == 2 and ckpt["data"][0]["next_context"] == ckpt["data"][1]["next_context"]
+    assert all(d["mix"]["buf"].device.type == "cpu" for d in ckpt["data"])
