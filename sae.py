@@ -34,7 +34,7 @@ class Code(NamedTuple):
     vals: torch.Tensor | None
     rows: torch.Tensor | None
     cols: torch.Tensor | None
-    pre_BM: torch.Tensor  # relu/jumprelu: h = x W_enc + bias, with autograd; topk/batchtopk: c = h * n, without
+    pre_BM: torch.Tensor  # relu/jumprelu: h = (x - b_dec) W_enc + b_enc, with autograd; topk/batchtopk: c = h * n, without
                           # (an estimate in bf16 where exact_cols is set)
     n_M: torch.Tensor     # decoder row norms
     pre_is_c: bool = False
@@ -416,10 +416,14 @@ class SAE(nn.Module):
     def encode(self, x_BD: torch.Tensor, k: int | None = None) -> Code:
         k = k or self.top_k
         n_M = self.W_dec.norm(dim=1)
-        # (x - b_dec) W_enc + b_enc == x W_enc + (b_enc - b_dec W_enc): the same math, but autograd
-        # no longer needs a (B, d) x (d, m) matmul in the backward just for b_dec's gradient.
+        # h = (x - b_dec) W_enc + b_enc with x centred on a detached b_dec, and b_dec's gradient through
+        # the bias, whose value is b_enc: (b_dec - b_dec.detach()) W_enc is a (d,) x (d, m) product, where
+        # autograd through x - b_dec would need a (B, m) x (m, d) matmul in the backward. Centred, not
+        # x W_enc + (b_enc - b_dec W_enc): under bf16 autocast the large dimensions that b_dec takes out
+        # would swell the rounding error of h several times.
         b_dec = None if self.transcoder else self.b_dec
-        bias_M = self.b_enc if b_dec is None else self.b_enc - b_dec @ self.W_enc
+        x_c = x_BD if b_dec is None else x_BD - b_dec.detach().to(x_BD.dtype)
+        bias_M = self.b_enc if b_dec is None else self.b_enc - (b_dec - b_dec.detach()) @ self.W_enc
         B, M, dev = len(x_BD), self.d_sae, x_BD.device.type
         mm = (dev, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_BD.dtype)
         share = SPARSE_BELOW.get(mm, 0)                         # by device and matmul dtype
@@ -429,7 +433,7 @@ class SAE(nn.Module):
         # four backward than building c = h * n (relu step 0.75x -> 1.01x the dense TopK reference
         # step in fp32 and 0.73x -> 2.4x under bf16 autocast, 2 CPU cores, d=768, 8x).
         if self.act_fn in ("relu", "jumprelu"):
-            h_BM = torch.addmm(bias_M, x_BD, self.W_enc)
+            h_BM = torch.addmm(bias_M, x_c, self.W_enc)
             theta_M, eps = self.log_threshold.exp(), self.jumprelu_threshold_window
             jump = self.act_fn == "jumprelu"
             with torch.no_grad():   # pairs that can get a gradient: h > 0, or c in JumpReLU's window
@@ -460,23 +464,23 @@ class SAE(nn.Module):
         # reference, fp32, 8x). No SPARSE_BELOW entry (GPU bf16): dense (H200 8x: 1.03x; sparse 0.68x).
         @torch.no_grad()
         def exact_c(rows, cols):   # c at pairs (rows sorted): rows of x . columns of W_enc, + bias, * n
-            return (pair_dots(x_BD, self.W_enc.T, rows, cols) + bias_M[cols]) * n_M[cols]
+            return (pair_dots(x_c, self.W_enc.T, rows, cols) + bias_M[cols]) * n_M[cols]
 
         @torch.no_grad()
         def exact_cols(cols):      # c of all tokens at these latents, an fp32 matmul
-            return torch.addmm(bias_M[cols] * n_M[cols], x_BD, self.W_enc[:, cols] * n_M[cols])
+            return torch.addmm(bias_M[cols] * n_M[cols], x_c, self.W_enc[:, cols] * n_M[cols])
 
         estimate = False
         if dense := not share:
-            h_BM = torch.addmm(bias_M, x_BD, self.W_enc)
+            h_BM = torch.addmm(bias_M, x_c, self.W_enc)
             c_BM = h_BM.detach() * n_M.to(h_BM.dtype)
         else:
             with torch.no_grad():
                 if mm == ("cpu", torch.float32) and M >= ESTIMATE_FROM:
-                    c_BM, err_B = estimate_c(x_BD, self.W_enc, self.b_enc, b_dec, n_M)
+                    c_BM, err_B = estimate_c(x_c, self.W_enc, self.b_enc, None, n_M)
                     estimate = True
                 else:
-                    c_BM = torch.addmm(bias_M * n_M, x_BD, self.W_enc * n_M)
+                    c_BM = torch.addmm(bias_M * n_M, x_c, self.W_enc * n_M)
 
         # h = c / n at pairs, with the gradient; a selection hands on its c (no 2nd gather: 1.04-1.07x).
         # Dense: a gather at flat indices; its backward is a scatter-add, where h_BM[rows, cols]'s (an

@@ -598,3 +598,22 @@ def test_estimate_selects_what_fp32_selects(act_fn, M, monkeypatch):
         naive = torch.zeros_like(c, dtype=torch.bool)
         naive.view(-1)[c.flatten().topk(8 * len(x)).indices] = True
     assert not torch.equal(naive, ref.dense() != 0)
+
+
+def test_bf16_autocast_rounds_x_after_b_dec_takes_out_its_large_dimensions():
+    # a few dimensions far larger than the rest, as in an LM's residual stream: rounded to bf16
+    # before b_dec is subtracted, x would carry their rounding error into every h and c
+    torch.manual_seed(0)
+    x = torch.randn(128, 64)
+    x[:, 3] += 40
+    x[:, 7] -= 25
+    for act_fn in ("relu", "topk"):
+        sae = SAE(64, 512, act_fn, 8)
+        with torch.no_grad():
+            sae.b_dec.copy_(x.mean(0))
+        want = (x.double() - sae.b_dec.double()) @ sae.W_enc.double() + sae.b_enc.double()
+        if act_fn == "topk":
+            want = want * sae.W_dec.double().norm(dim=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = sae.encode(x).pre_BM
+        assert (got.double() - want).abs().max() < 4 * 2 ** -8 * want.abs().max()
