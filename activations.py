@@ -403,13 +403,14 @@ def iter_cache(folder: str, manifest: dict, seed: int, rank: int = 0, world_size
     per_pass = max(len(shards) // group, 1)
     for i in itertools.count(start):
         p, j = divmod(i, per_pass)
-        order = torch.randperm(len(shards), generator=torch.Generator().manual_seed(seed + 1000 * p)).tolist()
+        g = torch.Generator().manual_seed(seed + 1000 * p)
+        order = torch.randperm(len(shards), generator=g).tolist()
         parts = []
         for s in order[j * group:(j + 1) * group if j < per_pass - 1 else None]:    # last: the rest
             n = shards[s]["tokens"]
+            lo, hi = n * rank // world_size, n * (rank + 1) // world_size          # this rank's rows
             with safe_open(os.path.join(folder, shards[s]["file"]), "pt") as f:
-                rows = {k: f.get_slice(k)[n * rank // world_size:n * (rank + 1) // world_size] for k in ("x", "y")
-                        if k in f.keys()}
+                rows = {k: f.get_slice(k)[lo:hi] for k in ("x", "y") if k in f.keys()}
             parts.append(torch.cat([rows["x"], rows["y"]], dim=1) if "y" in rows else rows["x"])
         yield i, torch.cat(parts)
 

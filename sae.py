@@ -34,8 +34,8 @@ class Code(NamedTuple):
     vals: torch.Tensor | None
     rows: torch.Tensor | None
     cols: torch.Tensor | None
-    pre_BM: torch.Tensor  # relu/jumprelu: h = (x - b_dec) W_enc + b_enc, with autograd; topk/batchtopk: c = h * n, without
-                          # (an estimate in bf16 where exact_cols is set)
+    pre_BM: torch.Tensor  # relu/jumprelu: h = (x - b_dec) W_enc + b_enc, with autograd; topk/batchtopk:
+                          # c = h * n, without (an estimate in bf16 where exact_cols is set)
     n_M: torch.Tensor     # decoder row norms
     pre_is_c: bool = False
     select: object = None  # topk/batchtopk: (rows, cols[, their c]) -> h at those pairs, with gradient
@@ -194,27 +194,27 @@ def pair_dots(x_BD: torch.Tensor, W_MD: torch.Tensor, rows: torch.Tensor, cols: 
 
 
 class SparseEncode(torch.autograd.Function):
-    """h_j = h[rows_j, cols_j] at selected (token, latent) pairs, h = (x - b_dec) W_enc + b_enc (no
-    b_dec for a transcoder), from values computed without autograd. The backward touches only the
-    selected latents (as EleutherAI's sparsify), not a dense (d, B) x (B, m) matmul."""
+    """h_j = h[rows_j, cols_j] at selected (token, latent) pairs, h = xc W_enc + b_enc with xc the
+    centred x (x - b_dec; x for a transcoder, with no b_dec), from values computed without autograd.
+    b_dec is an input for its gradient only. The backward touches only the selected latents (as
+    EleutherAI's sparsify), not a dense (d, B) x (B, m) matmul."""
 
     @staticmethod
-    def forward(ctx, x_BD, W_enc, b_enc, b_dec, h_sel, rows, cols, bags=None):
-        ctx.save_for_backward(x_BD, W_enc, b_dec, rows, cols)
+    def forward(ctx, xc_BD, W_enc, b_enc, b_dec, h_sel, rows, cols, bags=None):
+        ctx.save_for_backward(xc_BD, W_enc, rows, cols)
         ctx.bags = bags
         return h_sel.clone()
 
     @staticmethod
     def backward(ctx, g):
-        x_BD, W_enc, b_dec, rows, cols = ctx.saved_tensors
+        xc_BD, W_enc, rows, cols = ctx.saved_tensors
         g_b_enc = g.new_zeros(W_enc.shape[1], dtype=torch.float32).index_add_(0, cols, g.float())
-        # b_dec rides along in x - b_dec; its own gradient is a matvec (no (d, m) outer product)
-        xc_BD = x_BD if b_dec is None else x_BD - b_dec.to(x_BD.dtype)
         g_W = sum_per_latent(xc_BD, g, rows, cols, W_enc.shape[1], ctx.bags).T
-        g_b_dec = None if b_dec is None else -(W_enc @ g_b_enc.to(W_enc.dtype))
+        # b_dec's gradient is a matvec (no (d, m) outer product)
+        g_b_dec = -(W_enc @ g_b_enc.to(W_enc.dtype)) if ctx.needs_input_grad[3] else None
         g_x = None
         if ctx.needs_input_grad[0]:             # dL/dx[b] = sum over b's pairs of g_j W_enc[:, c_j]
-            offsets = torch.searchsorted(rows, torch.arange(len(x_BD), device=rows.device))
+            offsets = torch.searchsorted(rows, torch.arange(len(xc_BD), device=rows.device))
             g_x = F.embedding_bag(cols, W_enc.T, offsets, mode="sum", per_sample_weights=g.to(W_enc.dtype))
         return g_x, g_W.to(W_enc.dtype), g_b_enc.to(W_enc.dtype), g_b_dec, None, None, None, None
 
@@ -302,14 +302,13 @@ def row_topk(c_BM: torch.Tensor, k: int, g_max: torch.Tensor | None = None):
     return vals, idx.gather(1, j)
 
 
-def estimate_c(x_BD: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec, n_M: torch.Tensor):
-    """c = (x - b_dec) (W_enc n) + b_enc n from one bf16 matmul, and err_B (B,): |c - estimate| <=
-    err_B + REL |estimate|. With x = x' + dx, w = w' + dw (' rounded to bf16), x.w - x'.w' = x'.dw +
-    dx.w is at most ||x'|| ||dw|| + ||dx|| ||w|| (Cauchy-Schwarz), and so for the bias; fp32
-    accumulation adds at most d 2^-24 ||x'|| ||w'||, the one rounding of the output 2^-8 |c|.
-    (x - b_dec, not b_dec in the bias: the massive activations of a few dimensions of the residual
-    stream, which b_dec takes out, would swell ||x|| and the bound with it: 1.4x fewer candidates.)"""
-    x_BD = x_BD if b_dec is None else x_BD - b_dec
+def estimate_c(x_BD: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, n_M: torch.Tensor):
+    """c = x (W_enc n) + b_enc n from one bf16 matmul, and err_B (B,): |c - estimate| <= err_B + REL
+    |estimate|. With x = x' + dx, w = w' + dw (' rounded to bf16), x.w - x'.w' = x'.dw + dx.w is at
+    most ||x'|| ||dw|| + ||dx|| ||w|| (Cauchy-Schwarz), and so for the bias; fp32 accumulation adds
+    at most d 2^-24 ||x'|| ||w'||, the one rounding of the output 2^-8 |c|. x is centred (x - b_dec):
+    the massive activations of a few dimensions of the residual stream, which b_dec takes out, would
+    swell ||x|| and the bound with it (1.4x fewer candidates centred)."""
     Wn_DM, b_M = W_enc * n_M, b_enc * n_M
     (B, D), M = x_BD.shape, len(b_M)
     # b_enc n rides in the matmul, a row of W against a column of ones in x (K padded to a multiple of
@@ -456,7 +455,7 @@ class SAE(nn.Module):
             rows, cols = (h_BM.detach() > lo_M.to(h_BM.dtype)).nonzero(as_tuple=True)
             h_sel = h_BM.detach()[rows, cols]
             bags = latent_bags(h_sel > on_M[cols].to(h_sel.dtype), cols, M)     # as JumpReLU / relu fire
-            h_sel = SparseEncode.apply(x_BD, self.W_enc, self.b_enc, b_dec, h_sel, rows, cols, bags)
+            h_sel = SparseEncode.apply(x_c, self.W_enc, self.b_enc, b_dec, h_sel, rows, cols, bags)
             vals = JumpReLU.apply(h_sel, n_M[cols], theta_M[cols], eps)[0] if jump else F.relu(h_sel)
             return Code(None, vals, rows, cols, h_BM, n_M, bags=bags)
         # topk / batchtopk: select without autograd, then the gradient of the selected latents only
@@ -477,7 +476,7 @@ class SAE(nn.Module):
         else:
             with torch.no_grad():
                 if mm == ("cpu", torch.float32) and M >= ESTIMATE_FROM:
-                    c_BM, err_B = estimate_c(x_c, self.W_enc, self.b_enc, None, n_M)
+                    c_BM, err_B = estimate_c(x_c, self.W_enc, self.b_enc, n_M)
                     estimate = True
                 else:
                     c_BM = torch.addmm(bias_M * n_M, x_c, self.W_enc * n_M)
@@ -490,7 +489,7 @@ class SAE(nn.Module):
             if dense:
                 return h_BM.view(-1).gather(0, rows * M + cols)
             c = c if c is not None else exact_c(rows, cols) if estimate else c_BM[rows, cols]
-            return SparseEncode.apply(x_BD, self.W_enc, self.b_enc, b_dec, c / n_M[cols], rows, cols, bags)
+            return SparseEncode.apply(x_c, self.W_enc, self.b_enc, b_dec, c / n_M[cols], rows, cols, bags)
         g_max = group_max(c_BM) if estimate else None      # computed once for both selections
         if self.act_fn == "topk":
             c_Bk, idx_Bk = row_topk(c_BM, k, g_max)

@@ -801,6 +801,7 @@ def main(cfg: Config) -> dict:
     bar = progress_bar(total_steps * cfg.batch_size, step * cfg.batch_size, rank)
     t0 = saved_at = time.time()
     diverged = False
+
     def write_checkpoint(snap):
         # the mixing buffer on the CPU and only its rows: pickled or saved, a view of a GPU tensor
         # is all of its storage, on that GPU

@@ -558,7 +558,7 @@ def test_estimate_c_is_within_its_error_bound_and_rounds_once():
     sae, x = estimate_inputs(512)
     n = sae.W_dec.norm(dim=1).detach()
     with torch.no_grad():
-        est, err_B = estimate_c(x, sae.W_enc, sae.b_enc, sae.b_dec, n)
+        est, err_B = estimate_c(x - sae.b_dec, sae.W_enc, sae.b_enc, n)
     W, b, xc = (sae.W_enc * n).detach().double(), (sae.b_enc * n).detach().double(), (x - sae.b_dec).detach()
     c = xc.double() @ W + b
     assert est.dtype == torch.bfloat16
