@@ -159,4 +159,5 @@ def test_torchrun_trains_from_a_cache_with_checkpoints(tiny_model_path, tmp_path
     assert train.json.load(open(out / "eval.json"))["l0"] == 8
     ckpt = train.load_checkpoint(checkpoints(out)[-1])
     assert len(ckpt["data"]) == 2 and ckpt["data"][0]["next_context"] == ckpt["data"][1]["next_context"]
-    assert all(d["mix"]["buf"].device.type == "cpu" for d in ckpt["data"])
+    for buf in (d["mix"]["buf"] for d in ckpt["data"]):   # a compact CPU copy, not a view of the buffer
+        assert buf.device.type == "cpu" and buf.untyped_storage().nbytes() == buf.numel() * buf.element_size()
