@@ -557,7 +557,7 @@ def log(m: dict, bar, wandb_run, log_dir: str):
     with open(os.path.join(log_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(m) + "\n")
     if wandb_run:
-        wandb_run.log({f"train/{k}": v for k, v in m.items() if k not in ("step", "n")}, step=m["step"])
+        wandb_run.log({"step": m["step"], **{f"train/{k}": v for k, v in m.items() if k not in ("step", "n")}})
 
 
 def progress_bar(total: int, done: int, rank: int):
@@ -570,11 +570,17 @@ def start_wandb(cfg: Config, ckpt: dict | None):
     import wandb                                 # lazily: only runs that ask for W&B need it
     run_id = ckpt.get("wandb_id") if ckpt else None
     try:
-        return wandb.init(project=cfg.wandb_project or "nanosae", name=cfg.exp_name, config=run_config(cfg),
-                          id=run_id, resume="allow" if run_id else None, dir=cfg.exp_result_path)
+        run = wandb.init(project=cfg.wandb_project or "nanosae", name=cfg.exp_name, config=run_config(cfg),
+                         id=run_id, resume="allow" if run_id else None, dir=cfg.exp_result_path)
     except Exception as e:                          # no login, no network: one line, not a traceback
         raise ValueError(f"W&B cannot start ({' '.join(str(e).split())}): run `wandb login`, or set "
                          f"WANDB_MODE=offline and `wandb sync` later") from None
+    # The charts' x axis is our step, logged as a value, not W&B's own step: a run resumed from a
+    # checkpoint logs again the steps after it, which W&B would drop as a step going backwards.
+    run.define_metric("step")
+    for prefix in ("train/*", "eval/*"):
+        run.define_metric(prefix, step_metric="step")
+    return run
 
 
 # -------------------------------------------------------------------------------------------------
@@ -887,7 +893,7 @@ def main(cfg: Config) -> dict:
             result = evaluate(folded(sae, s_in, s_out), model, cfg, drop_ids, device)
             print_eval(result, f"held-out evaluation at step {step}")
             if wandb_run:
-                wandb_run.log({f"eval/{k}": v for k, v in result.items()}, step=step)
+                wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
 
         # Checkpoint every checkpoint_every steps, every checkpoint_minutes, and on a signal.
         due = cfg.checkpoint_minutes and time.time() - saved_at > 60 * cfg.checkpoint_minutes
@@ -941,7 +947,7 @@ def main(cfg: Config) -> dict:
             result["jumprelu"] = converted[0]
             print_eval(result["jumprelu"], f"converted to JumpReLU ({folder})", folder)
         if wandb_run:
-            wandb_run.log({f"eval/{k}": v for k, v in result.items() if not isinstance(v, dict)}, step=step)
+            wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in result.items() if not isinstance(v, dict)}})
             wandb_run.finish()
     _finish(world)
     return result
