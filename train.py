@@ -939,9 +939,18 @@ def main(cfg: Config) -> dict:
             saes[1].save(folder, extra)
         elif os.path.exists(os.path.join(folder, "sae.safetensors")):   # an earlier run's, in this folder
             shutil.rmtree(folder)
-        if model is None:           # trained from a cache: the LM is needed only now, once the SAE is saved
-            model, drop_ids = load_lm(cfg, device)
-        result, *converted = evaluate(saes, model, cfg, drop_ids, device)
+        # Stopped from here on (Ctrl-C, or a scheduler's SIGTERM, which would kill silently), the run
+        # says that its SAE is saved and how to evaluate it.
+        on_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            if model is None:       # trained from a cache: the LM is needed only now, once the SAE is saved
+                model, drop_ids = load_lm(cfg, device)
+            result, *converted = evaluate(saes, model, cfg, drop_ids, device)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"before the evaluation ended; the SAE is saved: evaluate it with "
+                                    f"--eval-only {cfg.exp_result_path}") from None
+        finally:
+            signal.signal(signal.SIGTERM, on_term)
         print_eval(result, f"held-out evaluation ({cfg.exp_result_path})", cfg.exp_result_path)
         if converted:
             result["jumprelu"] = converted[0]
@@ -1032,6 +1041,6 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError, FloatingPointError) as e:   # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:          # before or after the training loop, which checkpoints first
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:     # before or after the training loop, which checkpoints first
+        print(f"error: interrupted {e}".rstrip(), file=sys.stderr)
         sys.exit(130)

@@ -109,6 +109,21 @@ def test_sigterm_checkpoints_at_that_step_exits_0_and_resume_continues_wandb(tin
     assert all(b"train/*" in rec and b"eval/*" in rec for rec in (rec1, rec2))
 
 
+def test_sigterm_during_the_final_evaluation_says_the_sae_is_saved(tiny_model_path, tmp_path):
+    out = tmp_path / "run"
+    argv = args_for(tiny_model_path, out, steps=20)
+    argv[argv.index("--eval-tokens") + 1] = "65536"                 # an evaluation of a few seconds
+    p = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    while not os.path.exists(out / "sae.safetensors") and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr[-2000:]
+    assert f"the SAE is saved: evaluate it with --eval-only {out}" in stderr and "Traceback" not in stderr
+    assert not os.path.exists(out / "eval.json") and len(weights(out)) == 6
+
+
 def test_resume_errors_are_one_line_and_destroy_nothing(tiny_model_path, tmp_path):
     out = tmp_path / "run"
     run(args_for(tiny_model_path, out, "--checkpoint-every", "20", steps=40))
