@@ -66,10 +66,11 @@ class Code(NamedTuple):
         return torch.bincount(self.rows[self.vals != 0], minlength=B)
 
     def fired(self, M: int) -> torch.Tensor:
-        """(M,) how many tokens of the batch each latent fired on."""
+        """(M,) how many tokens of the batch each latent fired on, as floats whichever path made the
+        code: under torchrun the ranks sum it, and a rank's path depends on its own batch."""
         if self.f_BM is not None:
             return self.active().sum(0)
-        return torch.bincount(self.cols[self.vals != 0], minlength=M)
+        return torch.bincount(self.cols[self.vals != 0], minlength=M).float()
 
 
 TANH_C = 4.0        # the tanh penalty's c (README)

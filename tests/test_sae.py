@@ -197,6 +197,9 @@ def test_fast_paths_equal_straightforward_sae(act_fn, penalty, sparse, monkeypat
 
     assert torch.allclose(y_fast, y_ref, atol=1e-5)
     assert torch.allclose(code.dense(), a / n, atol=1e-5)
+    # firing counts in one dtype on both paths: torchrun ranks sum them, each on its own path
+    fired = code.fired(64)
+    assert fired.dtype == torch.float32 and torch.equal(fired, (code.dense() > 0).sum(0).float())
     for name, gf, gr in zip(("W_enc", "W_dec", "b_enc", "b_dec", "log_threshold"), g_fast, g_ref):
         assert torch.allclose(gf, gr, atol=1e-5), name
     assert g_fast[0].abs().sum() > 0 and (act_fn == "relu" or g_fast[4].abs().sum() > 0)
