@@ -427,6 +427,13 @@ def mix(chunks, buffer_size: int, batch_size: int, seed: int, device: str = "cpu
     row comes out exactly once. `state` holds the buffer, the rows still to serve and the generator
     after every batch: a checkpoint saves it, and a resumed run passing it back continues there."""
     state = {} if state is None else state
+    # A generator's state fits one device type, whose permutations are its own: a resumed run shuffles
+    # where the checkpointed one did (one from a CPU run resumed beside a GPU: on the CPU).
+    kind = state.setdefault("rng_device", torch.device(device).type)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--resume: this checkpoint's data order was shuffled on a GPU; resume on a "
+                         "machine with one")
+    device = device if torch.device(device).type == kind else kind
     g = torch.Generator(device).manual_seed(seed)
     if "rng" in state:
         g.set_state(state["rng"])

@@ -132,8 +132,14 @@ def test_mixing_buffer_resumes_at_the_same_row():
     first = list(itertools.islice(gen, 9))
     saved = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()}
     n_chunks = len(consumed)
-    rest = list(acts.mix(iter(chunks[n_chunks:]), 200, 16, seed=1, state=saved))
+    rest = list(acts.mix(iter(chunks[n_chunks:]), 200, 16, seed=1, state=dict(saved)))
     assert all(torch.equal(a, b) for a, b in zip(first + rest, full)) and len(first + rest) == len(full)
+    # resumed where the device is a GPU, it shuffles on the CPU as the checkpointed run did
+    on_gpu = list(acts.mix(iter(chunks[n_chunks:]), 200, 16, seed=1, device="cuda", state=dict(saved)))
+    assert all(torch.equal(a, b) for a, b in zip(on_gpu, rest)) and len(on_gpu) == len(rest)
+    if not torch.cuda.is_available():           # and one shuffled on a GPU cannot resume without one
+        with pytest.raises(ValueError, match="shuffled on a GPU"):
+            next(acts.mix(iter(chunks), 200, 16, seed=1, state={**saved, "rng_device": "cuda"}))
 
 
 def test_hook_point_check_lists_valid_ones():
