@@ -701,7 +701,6 @@ def main(cfg: Config) -> dict:
     if rank == 0 and (cfg.wandb_project or cfg.exp_name):     # before the model loads: no login fails fast
         os.makedirs(cfg.exp_result_path, exist_ok=True)
         wandb_run = start_wandb(cfg, ckpt)
-    torch.manual_seed(cfg.seed)
 
     # --- the language model (or a cache of its activations) and the activation stream ----------
     d_model = check_model_and_data(cfg)        # the LM evaluates at the end, from a cache too
@@ -748,6 +747,7 @@ def main(cfg: Config) -> dict:
     check_k(cfg, d_sae)
     if device == "cpu" and B * d_sae * 4 > 32 * 2 ** 20:    # (B, m) fp32 tensors glibc would map anew
         keep_freed_memory()
+    torch.manual_seed(cfg.seed)   # here: every rank starts from the same SAE, whatever loading the LM drew
     sae = SAE(d_in, d_sae, cfg.act_fn, cfg.top_k, d_out, not sae_only,
               cfg.jumprelu_threshold_window, cfg.jumprelu_init_threshold,
               dtype=getattr(torch, cfg.dtype), device=device)

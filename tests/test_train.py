@@ -204,6 +204,20 @@ def test_transcoder_trains_from_mlp_input_to_mlp_output(tiny_model_path, tmp_pat
     assert res["l0"] == 8 and res["explained_variance"] > 0
 
 
+def test_the_sae_starts_from_its_seed_whatever_loading_the_lm_draws(tiny_model_path, tmp_path, monkeypatch):
+    # from a cache with --eval-every only rank 0 loads the LM before the SAE is made: an LM whose
+    # loading draws random numbers must not give that rank another SAE
+    c = cfg(model=tiny_model_path, model_dtype="float32", device="cpu", hook_point_in="blocks.1.hook_resid_post",
+            context_size=64, eval_tokens=1024, model_batch_contexts=4, top_k=8, batch_size=256,
+            buffer_size=1024, total_training_tokens=256 * 2, exp_result_path=str(tmp_path / "a"))
+    train.main(c)
+    load_lm = train.load_lm
+    monkeypatch.setattr(train, "load_lm", lambda *a: (torch.rand(3), load_lm(*a))[1])
+    train.main(dataclasses.replace(c, exp_result_path=str(tmp_path / "b")))
+    a, b = (SAE.load(tmp_path / run).state_dict() for run in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_diverging_run_stops_with_one_line_and_keeps_its_checkpoints(tiny_model_path, tmp_path):
     out = tmp_path / "nan"
     c = cfg(model=tiny_model_path, model_dtype="float32", device="cpu", hook_point_in="blocks.1.hook_resid_post",
