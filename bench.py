@@ -52,7 +52,7 @@ def timeit(fns: list, device: str, warmup: int, repeats: int) -> list[list[float
     are asynchronous: synchronize before reading the clock). The fns take turns call by call: a
     ratio of two slow steps timed one after the other drifts with whatever else the machine does
     meanwhile, one of steps that alternate does not."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
     for _ in range(warmup):
         for f in fns:
             f()
