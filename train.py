@@ -341,7 +341,7 @@ def save_checkpoint(folder: str, ckpt: dict, keep: int):
 # evaluation on held-out contexts
 
 
-TYPICAL_NORM_RATIO = 10.0      # eval's explained_variance_typical leaves out ||x|| > 10x the median
+TYPICAL_NORM_RATIO = 10.0      # eval's explained_variance_typical leaves out ||y|| > 10x the median
 
 
 @torch.no_grad()
@@ -365,7 +365,8 @@ def evaluate(saes: SAE | list[SAE], model, cfg: Config, drop_ids: torch.Tensor,
     contexts = [c for _, c in acts.iter_contexts(_texts(cfg, cfg.eval_dataset), model.tokenizer,
                                                  cfg.context_size, held_out=held_out, eval=True)]
     # Per SAE: EV sums (tokens, squared error, sum of y, sum of ||y||^2) over every kept token and
-    # over the typical ones (||x|| <= TYPICAL_NORM_RATIO x the batch median: no massive activations),
+    # over the typical ones (||y|| <= TYPICAL_NORM_RATIO x the batch median: no massive activations;
+    # y, the target: a transcoder's input may be a LayerNorm's output, of one norm at every token),
     # active pairs, firing counts, and next_token_sums (clean, SAE, zero-ablated, KL).
     acc = [{"ev": {"": [0, 0.0, 0.0, 0.0], "_typical": [0, 0.0, 0.0, 0.0]}, "nnz": 0,
             "fired": torch.zeros(sae.d_sae, device=device),
@@ -379,7 +380,7 @@ def evaluate(saes: SAE | list[SAE], model, cfg: Config, drop_ids: torch.Tensor,
         if cfg.max_norm_ratio is not None:      # outlier positions are left out, as in training
             keep[keep.clone()] = acts.within_norm_ratio(x[keep], cfg.max_norm_ratio)
         x, y = x[keep], y[keep].float()
-        typical = acts.within_norm_ratio(x, TYPICAL_NORM_RATIO)
+        typical = acts.within_norm_ratio(y, TYPICAL_NORM_RATIO)
         # the LM zero-ablated, and with each reconstruction spliced in, at the same positions
         new = torch.zeros(*tokens.shape, y.shape[1], device=device)
         lg_zero = acts.spliced_logits(model, tokens, cfg.hook_out, new, keep)
@@ -1015,10 +1016,19 @@ def eval_only(cfg: Config) -> dict:
     --eval-dataset), print the table and write eval.json into the folder. cfg is the run's config
     (parse_args) with the flags given now over it: the model and hook of an SAE saved by SAE.save."""
     folder, sae = cfg.eval_only, SAE.load(cfg.eval_only)
-    held_out = saved_run_config(folder).get("eval_tokens", cfg.eval_tokens)
-    if cfg.eval_tokens > held_out and not cfg.eval_dataset:
-        raise ValueError(f"--eval-tokens {cfg.eval_tokens}: the run held out only its first {held_out} "
-                         f"tokens (the rest it trained on); ask for fewer, or give --eval-dataset")
+    run = saved_run_config(folder)
+    if run and not cfg.eval_dataset:    # its held-out text only: the text of contexts, less their BOS
+        def text(c):
+            return (c["context_size"] - 1) * (c["eval_tokens"] // c["context_size"])
+        held_out, reads = text(run), text(dataclasses.asdict(cfg))
+        for key in ("dataset", "dataset_split", "text_column"):
+            if run[key] != getattr(cfg, key):
+                raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)}: the run held out text "
+                                 f"of {run[key]}; to evaluate on other text, give it as --eval-dataset")
+        if reads > held_out:
+            raise ValueError(f"--eval-tokens {cfg.eval_tokens} at --context-size {cfg.context_size} reads "
+                             f"{reads} tokens of text; the run held out only its first {held_out} (the "
+                             f"rest it trained on): ask for fewer, or give --eval-dataset")
     device = default_device(cfg)
     model, drop_ids = load_lm(cfg, device)
     if (sae.d_in, sae.d_out) != acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out):

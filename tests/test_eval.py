@@ -101,33 +101,37 @@ def test_next_token_sums_match_whole_log_softmax():
     torch.testing.assert_close(sums, torch.stack(ce + [kl]).double(), rtol=1e-5, atol=1e-4)
 
 
-def test_explained_variance_matches_a_hand_computation(tiny_model, tiny_model_path, monkeypatch):
+# an SAE, and a transcoder whose input (a LayerNorm's output) has one norm at every token: the
+# typical tokens go by the norm of the target
+@pytest.mark.parametrize("hook_in", ["blocks.1.hook_resid_post", "blocks.1.ln2.hook_normalized"])
+def test_explained_variance_matches_a_hand_computation(tiny_model, tiny_model_path, hook_in, monkeypatch):
     """EV = 1 - sum ||y - y_hat||^2 / sum ||y - mean y||^2 over the kept held-out tokens, and the
-    "typical" EV over those within TYPICAL_NORM_RATIO x their batch's median norm (set to 1 here
-    so that it leaves out half of them)."""
+    "typical" EV over those whose y is within TYPICAL_NORM_RATIO x their batch's median norm (set
+    to 1 here so that it leaves out half of them)."""
     monkeypatch.setattr(train, "TYPICAL_NORM_RATIO", 1.0)
-    cfg = tiny_cfg(tiny_model_path)
+    out = "blocks.1.hook_resid_post"
+    cfg = tiny_cfg(tiny_model_path, hook_in, hook_point_out=out if hook_in != out else None)
     sae = identity_sae(32)
     with torch.no_grad():
-        sae.W_dec.mul_(0.5)                                       # y_hat = y / 2
+        sae.W_dec.mul_(0.5)                                       # y_hat = x / 2
     drop = acts.special_token_ids(tiny_model.tokenizer)
     r = train.evaluate(sae, tiny_model, cfg, drop, "cpu")
     ctx = torch.stack([c for _, c in acts.iter_contexts(train._texts(cfg), tiny_model.tokenizer, 32,
                                                         held_out=16, eval=True)])
     keep = ~torch.isin(ctx, drop)
-    _, cache = tiny_model.run_with_cache(ctx, names_filter=["blocks.1.hook_resid_post"])
-    every, typical = [], []
+    _, cache = tiny_model.run_with_cache(ctx, names_filter=[hook_in, out])
+    errs, ys = {"": [], "_typical": []}, {"": [], "_typical": []}
     for i in range(0, 16, cfg.model_batch_contexts):             # evaluate's batches of contexts
-        y = cache["blocks.1.hook_resid_post"][i:i + 4][keep[i:i + 4]]
-        every.append(y)
-        typical.append(y[y.norm(dim=-1) <= y.norm(dim=-1).median()])
-
-    def ev(ys):
-        y = torch.cat(ys)
-        return (1 - 0.25 * y.pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item()
-    assert r["explained_variance"] == pytest.approx(ev(every), rel=1e-4)
-    assert r["explained_variance_typical"] == pytest.approx(ev(typical), rel=1e-4)
-    assert abs(ev(every) - ev(typical)) > 1e-3
+        x, y = (cache[h][i:i + 4][keep[i:i + 4]] for h in (hook_in, out))
+        typical = y.norm(dim=-1) <= y.norm(dim=-1).median()
+        for key, sel in (("", slice(None)), ("_typical", typical)):
+            errs[key].append((y[sel] - x[sel] / 2).pow(2).sum())
+            ys[key].append(y[sel])
+    for key in errs:
+        y = torch.cat(ys[key])
+        ev = (1 - sum(errs[key]) / (y - y.mean(0)).pow(2).sum()).item()
+        assert r[f"explained_variance{key}"] == pytest.approx(ev, rel=1e-4), key
+    assert abs(r["explained_variance"] - r["explained_variance_typical"]) > 1e-3
 
 
 def test_trained_sae_beats_a_random_one_downstream(trained_run):

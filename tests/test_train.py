@@ -278,8 +278,13 @@ def test_eval_only_takes_the_runs_config_with_flags_over_it(tiny_model_path, tmp
     assert not os.path.exists(out / "jumprelu")     # not beside this topk SAE, as if it were its conversion
     res = train.eval_only(train.parse_args(["--eval-only", str(out), "--eval-tokens", "512"]))
     assert res["tokens"] == 512 - 512 // 64 and res["l0"] == 8      # 8 contexts, BOS dropped
-    with pytest.raises(ValueError, match="held out only its first 1024 tokens"):
-        train.eval_only(train.parse_args(["--eval-only", str(out), "--eval-tokens", "2048"]))
+    # the run held out 16 contexts of 64, 1008 tokens of text: more, or longer contexts, read text it
+    # trained on, as would the held-out tokens of other data
+    for flags in (["--eval-tokens", "2048"], ["--context-size", "128"]):
+        with pytest.raises(ValueError, match="held out only its first 1008"):
+            train.eval_only(train.parse_args(["--eval-only", str(out), *flags]))
+    with pytest.raises(ValueError, match="give it as --eval-dataset"):
+        train.eval_only(train.parse_args(["--eval-only", str(out), "--dataset", str(tmp_path)]))
     SAE(32, 64, "topk", 8).save(str(tmp_path / "bare"))               # no run config: the flags say
     bare = train.parse_args(["--eval-only", str(tmp_path / "bare"), "--model", tiny_model_path, "--hook-point-in",
                              "blocks.0.hook_resid_post", "--model-dtype", "float32", "--eval-tokens", "256",
