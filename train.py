@@ -12,6 +12,7 @@
 
 The config is one flat dataclass; every field is a flag (--act-fn, --top-k, ...); --help lists them.
 """
+import contextlib
 import ctypes
 import dataclasses
 import datetime
@@ -291,6 +292,18 @@ def rank_mean(t: torch.Tensor) -> torch.Tensor:
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """SIGTERM, like SIGINT, raises KeyboardInterrupt within the block (the training loop's own
+    handlers only note a signal, at the end of its step)."""
+    old = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def keep_freed_memory():
@@ -890,11 +903,16 @@ def main(cfg: Config) -> dict:
             log(m, bar, wandb_run, cfg.exp_result_path)
             window, t0 = Window(d_sae, d_out, device), time.time()
 
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and rank == 0:
-            result = evaluate(folded(sae, s_in, s_out), model, cfg, drop_ids, device)
-            print_eval(result, f"held-out evaluation at step {step}")
-            if wandb_run:
-                wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and rank == 0 and not stop["now"]:
+            try:        # a signal stops the evaluation at once: the checkpoint comes before a kill
+                with signals_interrupt():   # that follows it (torchrun's and Slurm's come 30 s later)
+                    result = evaluate(folded(sae, s_in, s_out), model, cfg, drop_ids, device)
+                print_eval(result, f"held-out evaluation at step {step}")
+                if wandb_run:
+                    wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
+            except KeyboardInterrupt:
+                stop["now"] = True
+                print0(f"held-out evaluation at step {step} stopped by a signal")
 
         # Checkpoint every checkpoint_every steps, every checkpoint_minutes, and on a signal.
         due = cfg.checkpoint_minutes and time.time() - saved_at > 60 * cfg.checkpoint_minutes
@@ -942,16 +960,14 @@ def main(cfg: Config) -> dict:
             shutil.rmtree(folder)
         # Stopped from here on (Ctrl-C, or a scheduler's SIGTERM, which would kill silently), the run
         # says that its SAE is saved and how to evaluate it.
-        on_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            if model is None:       # trained from a cache: the LM is needed only now, once the SAE is saved
-                model, drop_ids = load_lm(cfg, device)
-            result, *converted = evaluate(saes, model, cfg, drop_ids, device)
+            with signals_interrupt():
+                if model is None:   # trained from a cache: the LM is needed only now, once the SAE is saved
+                    model, drop_ids = load_lm(cfg, device)
+                result, *converted = evaluate(saes, model, cfg, drop_ids, device)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(f"before the evaluation ended; the SAE is saved: evaluate it with "
                                     f"--eval-only {cfg.exp_result_path}") from None
-        finally:
-            signal.signal(signal.SIGTERM, on_term)
         print_eval(result, f"held-out evaluation ({cfg.exp_result_path})", cfg.exp_result_path)
         if converted:
             result["jumprelu"] = converted[0]

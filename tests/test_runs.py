@@ -109,6 +109,23 @@ def test_sigterm_checkpoints_at_that_step_exits_0_and_resume_continues_wandb(tin
     assert all(b"train/*" in rec and b"eval/*" in rec for rec in (rec1, rec2))
 
 
+def test_sigterm_during_an_evaluation_mid_run_checkpoints_without_waiting_for_it(tiny_model_path, tmp_path):
+    # a scheduler's kill follows its SIGTERM ~30 s later: a long evaluation must not stand before the
+    # checkpoint
+    out = tmp_path / "run"
+    argv = args_for(tiny_model_path, out, "--eval-every", "10", steps=30)
+    argv[argv.index("--eval-tokens") + 1] = "131072"
+    p = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    while not os.path.exists(out / "log.jsonl") and p.poll() is None:     # step 10: its evaluation
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr[-2000:]
+    assert "stopped by a signal at step 10" in stdout and "explained_variance" not in stdout  # no table
+    assert [os.path.basename(c) for c in checkpoints(out)] == ["step_000000010.pt"]
+
+
 def test_sigterm_during_the_final_evaluation_says_the_sae_is_saved(tiny_model_path, tmp_path):
     out = tmp_path / "run"
     argv = args_for(tiny_model_path, out, steps=20)
