@@ -93,14 +93,17 @@ def model_dims(name: str) -> tuple[int, int, int | None]:
     if name == EMBEDDED_MODEL:
         return 30, 576, 8192
     from transformers import AutoConfig
-    try:
-        cfg = AutoConfig.from_pretrained(name)
+    try:       # the language model's own config (a multimodal model, e.g. Gemma 3 4B, nests it)
+        cfg = AutoConfig.from_pretrained(name).get_text_config()
     except Exception as e:                       # no such model, no network, not a model folder
         raise ValueError(f"model {name!r} cannot be read ({_one_line(e)}); "
                          f"give a local HF model folder, or a hub name with the network up") from None
-    n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    return (getattr(cfg, "num_hidden_layers", None) or cfg.n_layer,
-            getattr(cfg, "hidden_size", None) or cfg.n_embd, n_ctx)
+    n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    d_model = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    if not (n_layers and d_model):
+        raise ValueError(f"model {name!r}: its config gives no number of layers or width; "
+                         f"is it a language model?")
+    return n_layers, d_model, getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
 @torch.no_grad()
@@ -119,6 +122,11 @@ def token_vectors(cache, hook: str) -> torch.Tensor:
 
 def hook_dims(model, hook_in: str, hook_out: str) -> tuple[int, int]:
     """Widths of the two hooked activations, from a forward of two tokens."""
+    for hook in (hook_in, hook_out):    # BLOCK_HOOKS is every architecture's: not all have each one
+        if hook not in model.hook_dict:
+            have = [h for h in BLOCK_HOOKS if f"blocks.0.{h}" in model.hook_dict]
+            raise ValueError(f"hook point {hook!r} does not exist on this model; its blocks have "
+                             f"{', '.join(have)}")
     tokens = torch.full((1, 2), model.tokenizer.bos_token_id, device=next(model.parameters()).device)
     x, y = run_hooks(model, tokens, hook_in, hook_out)
     return x.shape[-1], y.shape[-1]
@@ -149,13 +157,16 @@ def _skip_unhooked_work_(model):
         PositionEmbeddingsAttentionBridge)
 
     def norm_forward(self, x, **kw):
+        if getattr(self.original_component, "weight", None) is None:   # no affine part (OLMo): the
+            # norm's output is the normalized x (the bridge's own path reads a weight, and fails)
+            return self.hook_out(self.hook_normalized(self.original_component(self.hook_in(x))))
         if any(h.fwd_hooks for h in (self.hook_scale, self.hook_normalized)):
             return NormalizationBridge.forward(self, x, **kw)
         return self.hook_out(self.original_component(self.hook_in(x)))
 
     # object.__setattr__: the bridge's own __setattr__ would pass the attribute on to the HF module
     attns = [m for m in model.modules() if isinstance(m, PositionEmbeddingsAttentionBridge)]
-    if attns:
+    if attns and getattr(model.original_model, "_supports_sdpa", False):   # (not Gemma 2: softcapping)
         model.original_model.set_attn_implementation("sdpa")
     for m in attns:
         object.__setattr__(m, "forward", types.MethodType(AttentionBridge.forward, m))

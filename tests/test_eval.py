@@ -156,3 +156,42 @@ def test_trained_sae_beats_a_random_one_downstream(trained_run):
     assert r.returncode == 0, r.stderr[-2000:]
     again = json.load(open(out / "eval.json"))
     assert again["ce_loss_sae"] == pytest.approx(res["ce_loss_sae"], rel=1e-4)
+
+
+def tiny_arch(folder, config):
+    """A 2-block random model of another architecture, with the embedded model's tokenizer."""
+    import transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(acts.embedded_model_path())
+    config.update(dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+# Gemma 2 has no sdpa attention (softcapping); OLMo's LayerNorm has no weight, which the bridge's
+# own norm forward reads once hook_normalized is hooked; GPT-NeoX has parallel attention, no resid_mid.
+@pytest.mark.parametrize("arch,hook", [("gemma2", "blocks.1.hook_resid_post"), ("olmo", "blocks.1.ln2.hook_normalized"),
+                                       ("gpt_neox", "blocks.1.hook_mlp_out")])
+def test_other_architectures_splice_exactly(arch, hook, tmp_path):
+    from transformers import AutoConfig
+    gqa = {} if arch == "gpt_neox" else dict(num_key_value_heads=2, head_dim=8)
+    config = AutoConfig.for_model(arch, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=256, **gqa)
+    path = tiny_arch(tmp_path / arch, config)
+    assert acts.model_dims(path)[:2] == (2, 32)
+    model = acts.load_model(path, "float32", "cpu")
+    r = train.evaluate(identity_sae(32), model, tiny_cfg(path, hook), acts.special_token_ids(model.tokenizer), "cpu")
+    assert r["delta_lm_loss"] == pytest.approx(0.0, abs=1e-6) and r["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert r["ce_loss_zero"] != pytest.approx(r["ce_loss_clean"])
+    if arch == "gpt_neox":              # a hook of other architectures: one line naming this one's
+        with pytest.raises(ValueError, match="does not exist on this model; its blocks have hook_resid_pre"):
+            acts.hook_dims(model, "blocks.1.hook_resid_mid", "blocks.1.hook_resid_mid")
+
+
+def test_model_dims_of_a_multimodal_model_are_its_language_models(tmp_path):
+    from transformers import Gemma3Config
+    Gemma3Config(text_config=dict(hidden_size=48, num_hidden_layers=3, max_position_embeddings=512)
+                 ).save_pretrained(tmp_path)
+    assert acts.model_dims(str(tmp_path)) == (3, 48, 512)
