@@ -570,8 +570,14 @@ def log(m: dict, bar, wandb_run, log_dir: str):
     bar.write(line + (f" | outliers {m['outliers_dropped']}" if m["outliers_dropped"] else ""))
     with open(os.path.join(log_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(m) + "\n")
+    wandb_log(wandb_run, "train", {k: v for k, v in m.items() if k != "n"}, m["step"])
+
+
+def wandb_log(wandb_run, prefix: str, values: dict, step: int):
+    """prefix/name for each number, with our step as a value: the charts' x axis (start_wandb)."""
     if wandb_run:
-        wandb_run.log({"step": m["step"], **{f"train/{k}": v for k, v in m.items() if k not in ("step", "n")}})
+        wandb_run.log({"step": step, **{f"{prefix}/{k}": v for k, v in values.items()
+                                        if k != "step" and not isinstance(v, dict)}})
 
 
 def progress_bar(total: int, done: int, rank: int):
@@ -908,8 +914,7 @@ def main(cfg: Config) -> dict:
                 with signals_interrupt():   # that follows it (torchrun's and Slurm's come 30 s later)
                     result = evaluate(folded(sae, s_in, s_out), model, cfg, drop_ids, device)
                 print_eval(result, f"held-out evaluation at step {step}")
-                if wandb_run:
-                    wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
+                wandb_log(wandb_run, "eval", result, step)
             except KeyboardInterrupt:
                 stop["now"] = True
                 print0(f"held-out evaluation at step {step} stopped by a signal")
@@ -972,8 +977,8 @@ def main(cfg: Config) -> dict:
         if converted:
             result["jumprelu"] = converted[0]
             print_eval(result["jumprelu"], f"converted to JumpReLU ({folder})", folder)
+        wandb_log(wandb_run, "eval", result, step)
         if wandb_run:
-            wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in result.items() if not isinstance(v, dict)}})
             wandb_run.finish()
     _finish(world)
     return result
@@ -1034,9 +1039,9 @@ def eval_only(cfg: Config) -> dict:
     folder, sae = cfg.eval_only, SAE.load(cfg.eval_only)
     run = saved_run_config(folder)
     if run and not cfg.eval_dataset:    # its held-out text only: the text of contexts, less their BOS
-        def text(c):
-            return (c["context_size"] - 1) * (c["eval_tokens"] // c["context_size"])
-        held_out, reads = text(run), text(dataclasses.asdict(cfg))
+        def text(context_size, eval_tokens):
+            return (context_size - 1) * (eval_tokens // context_size)
+        held_out, reads = text(run["context_size"], run["eval_tokens"]), text(cfg.context_size, cfg.eval_tokens)
         for key in ("dataset", "dataset_split", "text_column"):
             if run[key] != getattr(cfg, key):
                 raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)}: the run held out text "
