@@ -1,7 +1,7 @@
 """Benchmarks of nanoSAE: one table per section, every time the median of several repeats after
 warmup, with the ratios that matter, and a compact summary of them at the end.
 
-    python bench.py                      # everything (cuda if present, else cpu: ~5 min on 2 cores)
+    python bench.py                      # everything (cuda if present, else cpu: 6-9 min on 2 cores)
     python bench.py --quick              # small shapes, few repeats: checks that it all runs (1-3 min)
     python bench.py --device cpu --sections matmul,sae
 
@@ -16,7 +16,9 @@ warmup, with the ratios that matter, and a compact summary of them at the end.
            in bf16 and recompute in fp32 only what the selection needs, so they can pass it).
            GFLOP/s counts the FLOPs of the step's dtype; "of roof" compares them with its roofline.
            relu and jumprelu are timed at L0 = k, as a trained SAE fires (sae.py's sparse path),
-           and fresh, where about half the latents fire (its dense path).
+           and fresh, where about half the latents fire (its dense path); each also next to a
+           plain dense step of its own act_fn and penalty (relu with l1; JumpReLU with the paper's
+           straight-through estimator and the tanh penalty), which works the same at any L0.
 3. lm      activation tokens/s of activations.iter_activations (TransformerBridge, stopping after
            blocks.15.hook_resid_post) on real Austen contexts, fp32 and bf16, next to a raw HF
            forward of the same 16 decoder layers: the ratio bridge/raw.
@@ -28,6 +30,7 @@ warmup, with the ratios that matter, and a compact summary of them at the end.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -39,12 +42,13 @@ import transformers
 
 import activations as acts
 import train
-from sae import SAE
+from sae import SAE, TANH_C
 
 HOOK = "blocks.15.hook_resid_post"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ACT_FNS = ("relu", "jumprelu", "topk", "batchtopk")
 FRESH = ("relu fresh", "jumprelu fresh")        # at a fresh SAE's L0 (~m/2): sae.py's dense path
+REFS = ("dense topk (ref)", "plain relu", "plain jumprelu")     # dense_step's
 
 
 def timeit(fns: list, device: str, warmup: int, repeats: int) -> list[list[float]]:
@@ -145,20 +149,49 @@ def sae_step(a, act_fn: str, m: int, x, autocast):
     return adam_step(list(sae.parameters()), loss_fn, autocast, sae), l0_and_path
 
 
-def dense_step(a, m: int, x, autocast):
-    """The textbook TopK SAE: the code is scattered into a dense (B, m) matrix and decoded with a
-    dense matmul, m*d per token where nanoSAE's sparse decode (embedding_bag) costs k*d; torch's
-    default Adam."""
+class PlainJumpReLU(torch.autograd.Function):
+    """The textbook JumpReLU, f = h H(h - theta), with the paper's straight-through estimator for
+    theta (Rajamanoharan et al. 2024): dL/dtheta = sum_batch dL/df (-theta / eps) 1[|h - theta| < eps/2]."""
+
+    @staticmethod
+    def forward(ctx, h, theta, eps):
+        ctx.save_for_backward(h, theta)
+        ctx.eps = eps
+        return h * (h > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, theta = ctx.saved_tensors
+        window = ((h - theta).abs() < ctx.eps / 2).to(g.dtype)
+        return g * (h > theta), (g * window).sum(0) * (-theta / ctx.eps), None
+
+
+def dense_step(a, act_fn: str, m: int, x, autocast):
+    """A plain dense SAE step, written the straightforward way (a dense (B, m) code decoded with a
+    dense matmul, plain autograd, torch's default Adam). "topk": the textbook TopK SAE, the
+    reference of every row (the code scattered into a zero (B, m) matrix, m*d per token where
+    nanoSAE's sparse decode, an embedding_bag, costs k*d). "relu" and "jumprelu": the same
+    act_fn and penalty as nanoSAE's step (l1, and tanh with JumpReLU's straight-through
+    estimator), its like-for-like reference."""
     W_enc = (torch.randn(a.d, m, device=a.device) / a.d ** 0.5).requires_grad_()
     W_dec = W_enc.detach().T.clone().requires_grad_()
     b_enc, b_dec = (torch.zeros(n, device=a.device, requires_grad=True) for n in (m, a.d))
+    log_theta = torch.full((m,), math.log(0.1), device=a.device, requires_grad=True)
+    params = [W_enc, b_enc, W_dec, b_dec] + [log_theta] * (act_fn == "jumprelu")
 
     def loss_fn():
-        h_BM = F.relu(x @ W_enc + b_enc)
-        vals, idx = h_BM.topk(a.k, dim=-1)
-        f_BM = torch.zeros_like(h_BM).scatter(-1, idx, vals)
-        return (f_BM @ W_dec + b_dec - x).float().pow(2).sum(-1).mean()
-    return adam_step([W_enc, b_enc, W_dec, b_dec], loss_fn, autocast)
+        h_BM = x @ W_enc + b_enc
+        if act_fn == "topk":
+            vals, idx = F.relu(h_BM).topk(a.k, dim=-1)
+            f_BM = torch.zeros_like(h_BM).scatter(-1, idx, vals)
+        else:
+            f_BM = F.relu(h_BM) if act_fn == "relu" else PlainJumpReLU.apply(h_BM, log_theta.exp(), 0.1)
+        loss = (f_BM @ W_dec + b_dec - x).float().pow(2).sum(-1).mean()
+        if act_fn != "topk":
+            contrib = f_BM * W_dec.norm(dim=1)
+            loss = loss + 5e-3 * (contrib if act_fn == "relu" else torch.tanh(TANH_C * contrib)).sum(-1).mean()
+        return loss
+    return adam_step(params, loss_fn, autocast)
 
 
 def step_flops(B: int, d: int, m: int, l0: float | None) -> float:
@@ -170,36 +203,49 @@ def step_flops(B: int, d: int, m: int, l0: float | None) -> float:
     return 2 * B * d * m + 8 * B * d * (m if l0 is None else l0)
 
 
-def bench_sae(a, roof: dict) -> tuple[dict, dict]:
-    """The table; returns {(step, expansion, dtype): nanoSAE/dense} and {...: tokens/s}."""
-    ratios, rates, rows = {}, {}, []
+def paired(ref_ts: list[float], ts: list[float]) -> float:
+    """The median over the rounds of the reference's time over the step's, both of that round."""
+    return statistics.median(r / s for r, s in zip(ref_ts, ts))
+
+
+def bench_sae(a, roof: dict) -> tuple[dict, dict, dict]:
+    """The table; returns {(step, expansion, dtype): nanoSAE/dense topk}, {...: tokens/s} and, for
+    relu and jumprelu, {...: nanoSAE/plain dense step of the same act_fn}."""
+    ratios, rates, like, rows = {}, {}, {}, []
     x = torch.randn(a.batch, a.d, device=a.device)
     for e in a.expansions:
         m = e * a.d
         for name, dt in DTYPES.items():
             autocast = torch.autocast(torch.device(a.device).type, dtype=dt, enabled=name != "fp32")
-            torch.manual_seed(0)
-            steps, l0_and_path = [dense_step(a, m, x, autocast)], [lambda: (a.k, False)]
+            steps, l0_and_path = [], []
+            for ref in REFS:
+                torch.manual_seed(0)
+                steps.append(dense_step(a, ref.split()[1], m, x, autocast))
+                l0_and_path.append(lambda: (None, False))
             for act_fn in ACT_FNS + FRESH:
                 torch.manual_seed(0)
                 step, l0_path = sae_step(a, act_fn, m, x, autocast)
                 steps.append(step)
                 l0_and_path.append(l0_path)
-            # All of them take turns, the dense reference included.
-            rounds = timeit(steps, a.device, *a.sae_reps[e])
-            for act_fn, ts, l0_path in zip(("dense topk (ref)",) + ACT_FNS + FRESH, rounds, l0_and_path):
+            # All of them take turns, the dense references included.
+            rounds = dict(zip(REFS + ACT_FNS + FRESH, timeit(steps, a.device, *a.sae_reps[e])))
+            # The ratio of each round's pair (reference, step), its median over the rounds: a pair is
+            # timed seconds apart, so a slow stretch of the machine slows both.
+            for (step, ts), l0_path in zip(rounds.items(), l0_and_path):
                 l0, sparse = l0_path()
                 t = statistics.median(ts)
-                rates[act_fn, e, name] = a.batch / t
-                # The ratio of each round's pair (reference, step), its median over the rounds:
-                # a pair is timed seconds apart, so a slow stretch of the machine slows both.
-                ratios[act_fn, e, name] = statistics.median(r / s for r, s in zip(rounds[0], ts))
+                rates[step, e, name] = a.batch / t
+                ratios[step, e, name] = paired(rounds[REFS[0]], ts)
+                if (plain := f"plain {step.split()[0]}") in REFS and step not in REFS:
+                    like[step, e, name] = paired(rounds[plain], ts)
                 gflops = step_flops(a.batch, a.d, m, l0 if sparse else None) / t / 1e9
-                rows.append([act_fn, e, name, f"{l0:.0f}", f"{rates[act_fn, e, name]:,.0f}", gflops,
-                             f"{gflops / roof[m, name]:.0%}", f"{ratios[act_fn, e, name]:.2f}x"])
-            del steps, l0_and_path                               # free the weights and Adam states
-    table(["step", "expansion", "dtype", "L0", "tokens/s", "GFLOP/s", "of roof", "vs dense"], rows)
-    return ratios, rates
+                rows.append([step, e, name, "-" if l0 is None else f"{l0:.0f}", f"{rates[step, e, name]:,.0f}",
+                             gflops, f"{gflops / roof[m, name]:.0%}", f"{ratios[step, e, name]:.2f}x",
+                             f"{like[step, e, name]:.2f}x" if (step, e, name) in like else ""])
+            del steps, l0_and_path, rounds                       # free the weights and Adam states
+    table(["step", "expansion", "dtype", "L0", "tokens/s", "GFLOP/s", "of roof", "vs dense topk",
+           "vs plain same act_fn"], rows)
+    return ratios, rates, like
 
 
 # --- 3. activation generation: TransformerBridge vs raw HF, same contexts, same layers -----------
@@ -285,8 +331,8 @@ def main():
     a = p.parse_args()
     cpu, sections = a.device == "cpu", a.sections.split(",")
     # SAE shapes: d = 768 (GPT-2 / Pythia-160M width), batch 4096, k = 64. (warmup, repeats) of the
-    # matmuls, and of the SAE steps per expansion: on 2 CPU cores a round of the seven steps takes
-    # ~5 s at 8x and ~15 s at 32x, so 7 rounds at 8x and 5 at 32x (3 left its medians 20% apart).
+    # matmuls, and of the SAE steps per expansion: on 2 CPU cores a round of the nine steps takes
+    # ~7 s at 8x and ~20 s at 32x, so 7 rounds at 8x and 5 at 32x (3 left its medians 20% apart).
     a.d, a.batch, a.k, a.expansions = (256, 1024, 32, (8,)) if a.quick else (768, 4096, 64, (8, 32))
     a.reps = (1, 2) if a.quick else (1, 3) if cpu else (5, 20)
     a.sae_reps = {8: a.reps, 32: a.reps} if a.quick or not cpu else {8: (1, 7), 32: (1, 5)}
@@ -313,10 +359,13 @@ def main():
             f"m={m} {roof[m, 'bf16'] / roof[m, 'fp32']:.2f}x" for m, dt in roof if dt == "fp32"))
     if "sae" in sections:
         print(f"== 2. SAE training step (d={a.d}, batch {a.batch}, k={a.k}) ==")
-        r, tps = bench_sae(a, roof)
+        r, tps, like = bench_sae(a, roof)
         summary += [f"nanoSAE/dense, expansion {e} {dt}: " + ", ".join(f"{f} {r[f, e, dt]:.2f}x"
                                                                        for f in ACT_FNS + FRESH)
                     for e in a.expansions for dt in DTYPES]
+        summary += [f"nanoSAE/plain dense step of the same act_fn, expansion {e} {dt}: " + ", ".join(
+            f"{f} {like[f, e, dt]:.2f}x" for f in ACT_FNS + FRESH if (f, e, dt) in like)
+            for e in a.expansions for dt in DTYPES]
         # The bound on a step that computes the encoder's matmul in its dtype: that matmul alone, at
         # the roofline; and how much of it the topk and batchtopk steps reach (the bound's time over
         # the step's). In fp32 on a CPU with AMX they estimate c in bf16 (sae.estimate_c) and can pass it.
