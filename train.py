@@ -224,7 +224,7 @@ class Config:
                 raise ValueError(f"{flag} {folder}: not a folder this process can write to ({at} is "
                                  f"not); give another path")
         for flag, name in (("--dataset", self.dataset), ("--eval-dataset", self.eval_dataset)):
-            if name and _looks_local(name) and not os.path.isdir(name):
+            if name and _looks_local(name) and not os.path.isdir(acts.local_folder(name)):
                 raise ValueError(f"{flag} {name} does not exist: give a folder of "
                                  f".txt/.txt.gz/.jsonl files or an HF dataset name (owner/name)")
 

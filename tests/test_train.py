@@ -238,7 +238,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_checkpoints(tiny_mode
 def test_bad_data_deep_in_a_run_keeps_the_steps_done_and_the_run_resumes(tiny_model_path, tmp_path):
     import gzip
     import activations as acts
-    with gzip.open(os.path.join(acts.EMBEDDED_DATASET, "persuasion.txt.gz"), "rt") as f:
+    with gzip.open(os.path.join(acts.EMBEDDED_DATASET_DIR, "persuasion.txt.gz"), "rt") as f:
         paragraphs = [p for p in f.read().split("\n\n") if len(p) > 200][:300]
     data, out = tmp_path / "data", tmp_path / "run"
     data.mkdir()
@@ -290,3 +290,17 @@ def test_eval_only_takes_the_runs_config_with_flags_over_it(tiny_model_path, tmp
                              "blocks.0.hook_resid_post", "--model-dtype", "float32", "--eval-tokens", "256",
                              "--context-size", "64", "--device", "cpu"])
     assert train.eval_only(bare)["tokens"] == 256 - 4
+
+
+def test_the_bundled_text_is_recorded_by_name_and_read_from_any_directory(tmp_path, monkeypatch):
+    """Configs, checkpoints and caches record the bundled text as data/austen, not this checkout's
+    absolute path, and the name reads it from any working directory: another checkout (or this one,
+    moved) resumes a run, evaluates an SAE, or trains from a cache made here."""
+    import gzip
+    import activations as acts
+    monkeypatch.chdir(tmp_path)                       # no data/ here
+    c = train.Config(exp_result_path=str(tmp_path / "run"))        # validates the dataset from here
+    assert train.run_config(c)["dataset"] == "data/austen"
+    files = sorted(f for f in os.listdir(acts.EMBEDDED_DATASET_DIR) if f.endswith(".txt.gz"))
+    with gzip.open(os.path.join(acts.EMBEDDED_DATASET_DIR, files[0]), "rt", encoding="utf-8") as f:
+        assert next(acts.iter_texts(c.dataset)) == f.read()
