@@ -63,8 +63,8 @@ class Config:
     context_size: int = 128
     """tokens per context; each context starts with BOS."""
     model_batch_contexts: int | None = None
-    """contexts per LM forward; unset = 16 on CPU, and on a GPU as many as hold 8,192 tokens (there
-    a small LM's forward is Python-bound: 2k tokens cost about as much time as 8k)."""
+    """contexts per LM forward; unset = 16 on CPU, and on a GPU as many as hold 8,192 tokens, at
+    least 16 (there a small LM's forward is Python-bound: 2k tokens cost about as much time as 8k)."""
     hook_point_in: str = "blocks.15.hook_resid_post"
     """activation the SAE reads."""
     hook_point_out: str | None = None
@@ -459,16 +459,16 @@ def load_lm(cfg: Config, device: str):
     return model, acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids)
 
 
-def check_model_and_data(cfg: Config) -> int:
+def check_model_and_data(cfg: Config, training: bool = True) -> int:
     """What can be checked before the weights load: the hook points and the context size against the
-    model's config, and that the datasets it reads (the held-out one, and the training one unless
-    it trains from a cache) open. Returns d_model."""
+    model's config, and that the datasets it reads (the held-out one, and the training one when
+    training, unless from a cache) open. Returns d_model."""
     n_layers, d_model, n_ctx = acts.model_dims(cfg.model)
     for hook in (cfg.hook_point_in, cfg.hook_out):
         acts.check_hook_point(hook, n_layers)
     if n_ctx and cfg.context_size > n_ctx:
         raise ValueError(f"--context-size {cfg.context_size} is longer than {cfg.model} takes ({n_ctx} tokens)")
-    for dataset in {cfg.eval_dataset or cfg.dataset, *([] if cfg.activations else [cfg.dataset])}:
+    for dataset in {cfg.eval_dataset or cfg.dataset, *([cfg.dataset] if training and not cfg.activations else [])}:
         next(_texts(cfg, dataset)(), None)     # its first document: a wrong name or --text-column
     return d_model
 
@@ -669,7 +669,7 @@ def _check_compatible(saved: dict, cfg: Config):
             "ignore_token_ids", "max_norm_ratio", "hook_point_in", "hook_point_out", "act_fn",
             "expansion_factor", "top_k", "initial_k", "k_warmup_steps", "k_cold_booting_steps",
             "k_schedule_type", "k_exponential_factor", "batch_size", "total_training_tokens",
-            "context_size", "buffer_size", "perm_seed", "dtype", "eval_tokens")
+            "context_size", "buffer_size", "perm_seed", "dtype", "eval_tokens", "eval_dataset")
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in keys
             if saved.get(k) != getattr(cfg, k)]
     if diff:
@@ -1001,13 +1001,13 @@ def cache_main(cfg: Config) -> dict:
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("--cache-activations runs in one process (the LM forward is the cost); "
                          "train from the cache under torchrun")
+    if os.path.exists(os.path.join(cfg.cache_activations, "manifest.json")):       # before the LM loads
+        raise ValueError(f"{cfg.cache_activations} already holds a complete cache; train from it "
+                         f"with --activations {cfg.cache_activations}")
     device = default_device(cfg)
     check_model_and_data(cfg)
     model, drop_ids = load_lm(cfg, device)
     d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out)
-    if os.path.exists(os.path.join(cfg.cache_activations, "manifest.json")):       # before the LM loads
-        raise ValueError(f"{cfg.cache_activations} already holds a complete cache; train from it "
-                         f"with --activations {cfg.cache_activations}")
     manifest = {k: getattr(cfg, k) for k in CACHE_KEYS}
     manifest.update(hook_point_out=cfg.hook_out, sae=cfg.hook_out == cfg.hook_point_in,
                     d_in=d_in, d_out=d_out)
@@ -1051,6 +1051,7 @@ def eval_only(cfg: Config) -> dict:
                              f"{reads} tokens of text; the run held out only its first {held_out} (the "
                              f"rest it trained on): ask for fewer, or give --eval-dataset")
     device = default_device(cfg)
+    check_model_and_data(cfg, training=False)          # before the LM loads: its hooks, the held-out text
     model, drop_ids = load_lm(cfg, device)
     if (sae.d_in, sae.d_out) != acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out):
         raise ValueError(f"{folder}: the SAE maps {sae.d_in} -> {sae.d_out}, {cfg.model}'s "

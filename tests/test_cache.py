@@ -20,7 +20,7 @@ def tiny_cfg(path, out, **kw):
     return train.Config(**kw)
 
 
-def test_cache_round_trips_exactly_and_trains(tiny_model, tiny_model_path, tmp_path, capsys):
+def test_cache_round_trips_exactly_and_trains(tiny_model, tiny_model_path, tmp_path, capsys, monkeypatch):
     cache = tmp_path / "cache"
     manifest = train.cache_main(tiny_cfg(tiny_model_path, tmp_path / "x", cache_activations=str(cache)))
     assert manifest["tokens"] == 20_000 and len(manifest["shards"]) == 1
@@ -40,7 +40,8 @@ def test_cache_round_trips_exactly_and_trains(tiny_model, tiny_model_path, tmp_p
                                   eval_every=40))
         assert res["l0"] == k
         assert "held-out evaluation at step 40" in capsys.readouterr().out    # the LM is there for it
-    # a second cache into the same folder is refused rather than mixed in
+    # a second cache into the same folder is refused rather than mixed in, before the LM loads
+    monkeypatch.setattr(train, "load_lm", lambda *a: pytest.fail("the LM loaded"))
     with pytest.raises(ValueError, match="already holds"):
         train.cache_main(tiny_cfg(tiny_model_path, tmp_path / "x", cache_activations=str(cache)))
 

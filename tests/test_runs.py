@@ -148,6 +148,7 @@ def test_resume_errors_are_one_line_and_destroy_nothing(tiny_model_path, tmp_pat
     for extra, msg in ((["--resume", str(tmp_path / "nothing")], "no checkpoint"),
                        (["--resume", str(out), "--expansion-factor", "4"], "different run"),
                        (["--resume", str(out), "--max-norm-ratio", "10"], "max_norm_ratio: checkpoint None"),
+                       (["--resume", str(out), "--eval-dataset", str(tmp_path)], "eval_dataset: checkpoint None"),
                        ([], "holds checkpoints of another run")):
         r = subprocess.run([sys.executable, "train.py", *args_for(tiny_model_path, out, steps=40), *extra],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -268,7 +268,7 @@ def test_a_resumed_run_logs_each_step_once(tiny_model_path, tmp_path):
     assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == list(range(1, 21))
 
 
-def test_eval_only_takes_the_runs_config_with_flags_over_it(tiny_model_path, tmp_path):
+def test_eval_only_takes_the_runs_config_with_flags_over_it(tiny_model_path, tmp_path, monkeypatch):
     out = tmp_path / "run"
     os.makedirs(out / "jumprelu")                   # as an earlier batchtopk run into this folder left it
     (out / "jumprelu" / "sae.safetensors").write_bytes(b"")
@@ -285,6 +285,11 @@ def test_eval_only_takes_the_runs_config_with_flags_over_it(tiny_model_path, tmp
             train.eval_only(train.parse_args(["--eval-only", str(out), *flags]))
     with pytest.raises(ValueError, match="give it as --eval-dataset"):
         train.eval_only(train.parse_args(["--eval-only", str(out), "--dataset", str(tmp_path)]))
+    with monkeypatch.context() as m:                  # held-out text that cannot be read: before the LM loads
+        m.setattr(train, "load_lm", lambda *a: pytest.fail("the LM loaded"))
+        (tmp_path / "empty").mkdir()
+        with pytest.raises(ValueError, match="holds no .txt"):
+            train.eval_only(train.parse_args(["--eval-only", str(out), "--eval-dataset", str(tmp_path / "empty")]))
     SAE(32, 64, "topk", 8).save(str(tmp_path / "bare"))               # no run config: the flags say
     bare = train.parse_args(["--eval-only", str(tmp_path / "bare"), "--model", tiny_model_path, "--hook-point-in",
                              "blocks.0.hook_resid_post", "--model-dtype", "float32", "--eval-tokens", "256",
