@@ -145,7 +145,7 @@ def sae_step(a, act_fn: str, m: int, x, autocast):
     def l0_and_path():                          # after the timing: not part of the step
         with autocast:
             code = sae(x)[1]
-        return code.nnz_per_token(len(x)).float().mean().item(), code.f_BM is None
+        return code.nnz_per_token().mean().item(), code.f_BM is None
     return adam_step(list(sae.parameters()), loss_fn, autocast, sae), l0_and_path
 
 

@@ -57,13 +57,14 @@ class Code(NamedTuple):
 
     def active(self) -> torch.Tensor:
         """(B, m) 1.0 where a latent fired (f is never negative), as floats: bools sum 2x slower."""
-        return torch.gt(self.f_BM, 0, out=torch.empty(self.f_BM.shape, device=self.f_BM.device))
+        f_BM = self.dense()
+        return torch.gt(f_BM, 0, out=torch.empty(f_BM.shape, device=f_BM.device))
 
-    def nnz_per_token(self, B: int) -> torch.Tensor:
-        """(B,) number of active latents of each token."""
+    def nnz_per_token(self) -> torch.Tensor:
+        """(B,) number of active latents of each token, as floats whichever path made the code."""
         if self.f_BM is not None:
             return self.active().sum(-1)
-        return torch.bincount(self.rows[self.vals != 0], minlength=B)
+        return torch.bincount(self.rows[self.vals != 0], minlength=len(self.pre_BM)).float()
 
     def fired(self, M: int) -> torch.Tensor:
         """(M,) how many tokens of the batch each latent fired on, as floats whichever path made the
@@ -414,7 +415,9 @@ class SAE(nn.Module):
     # forward
 
     def encode(self, x_BD: torch.Tensor, k: int | None = None) -> Code:
-        k = k or self.top_k
+        k = self.top_k if k is None else k
+        if self.act_fn in ("topk", "batchtopk") and not 1 <= k <= self.d_sae:
+            raise ValueError(f"k = {k}: {self.act_fn} takes 1 <= k <= d_sae = {self.d_sae}")
         n_M = self.W_dec.norm(dim=1)
         # h = (x - b_dec) W_enc + b_enc with x centred on a detached b_dec, and b_dec's gradient through
         # the bias, whose value is b_enc: (b_dec - b_dec.detach()) W_enc is a (d,) x (d, m) product, where
@@ -511,14 +514,22 @@ class SAE(nn.Module):
         return Code(f_BM, vals, rows, cols, c_BM, n_M, pre_is_c=True, select=h_at, bags=bags,
                     exact_cols=exact_cols if estimate else None)
 
-    def decode(self, code: Code, B: int) -> torch.Tensor:
+    def decode(self, code: Code | torch.Tensor) -> torch.Tensor:
+        """y_hat from a Code (encode's), or from latent activations f (..., d_sae): edited ones, say."""
+        if isinstance(code, torch.Tensor):
+            return code.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
         if code.f_BM is not None:
             return code.f_BM @ self.W_dec + self.b_dec
+        B = len(code.pre_BM)
         return SparseDecode.apply(code.vals, self.W_dec, code.rows, code.cols, B, code.bags) + self.b_dec
 
-    def forward(self, x_BD: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, Code]:
-        code = self.encode(x_BD, k)
-        return self.decode(code, x_BD.shape[0]), code
+    def forward(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, Code]:
+        """y_hat, shaped as x (..., d_in) but with d_out, and the Code of its tokens (tokens, d_sae).
+        x is cast to the SAE's dtype; k (topk, batchtopk) defaults to top_k."""
+        if x.shape[-1:] != (self.d_in,):
+            raise ValueError(f"x is {tuple(x.shape)}: the SAE takes (..., d_in = {self.d_in}) activations")
+        code = self.encode(x.reshape(-1, self.d_in).to(self.W_enc.dtype), k)
+        return self.decode(code).view(*x.shape[:-1], self.d_out), code
 
     @torch.no_grad()
     def update_threshold_(self, t: torch.Tensor, decay: float = 0.95):

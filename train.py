@@ -406,7 +406,7 @@ def evaluate(saes: SAE | list[SAE], model, cfg: Config, drop_ids: torch.Tensor,
                 s[1] += (y_hat[sel] - y_s).pow(2).sum().item()
                 s[2] += y_s.sum(0)
                 s[3] += y_s.pow(2).sum().item()
-            a["nnz"] += code.nnz_per_token(len(x)).sum().item()
+            a["nnz"] += code.nnz_per_token().sum().item()
             a["fired"] += code.fired(sae.d_sae)
             new[keep] = y_hat
             lg_sae = acts.spliced_logits(model, tokens, cfg.hook_out, new, keep)

@@ -23,7 +23,7 @@ def test_topk_has_exactly_k_per_token():
     sae = make("topk")
     x = torch.randn(32, 16)
     _, code = sae(x)
-    assert (code.nnz_per_token(32) == 4).all()
+    assert (code.nnz_per_token() == 4).all()
     # the kept latents are the k largest contributions of each token
     c = sae.encode(x).c_BM
     dense = torch.zeros(32, 64).index_put_((code.rows, code.cols), code.vals)
@@ -34,7 +34,7 @@ def test_batchtopk_has_k_on_average_but_not_per_token():
     sae = make("batchtopk")
     x = torch.randn(64, 16) * torch.linspace(0.1, 3, 64)[:, None]   # busy and quiet tokens
     _, code = sae(x)
-    nnz = code.nnz_per_token(64)
+    nnz = code.nnz_per_token()
     assert nnz.sum() == 4 * 64
     assert nnz.max() > 4 and nnz.min() < 4
     assert sae.threshold > 0                                       # running threshold tracked
@@ -77,7 +77,7 @@ def test_batchtopk_selects_exactly_the_k_b_largest_of_the_batch(massive):
     ref = c.flatten().topk(4 * 32).indices
     got = code.rows * 256 + code.cols
     assert torch.equal(got.sort().values, ref.sort().values)
-    assert (code.nnz_per_token(32)[5] > 16) == massive              # the big token took > 4k
+    assert (code.nnz_per_token()[5] > 16) == massive              # the big token took > 4k
     assert torch.equal(code.rows, code.rows.sort().values)         # bags together
 
 
@@ -239,7 +239,7 @@ def test_path_follows_the_device_and_the_autocast_dtype(monkeypatch):
     monkeypatch.delitem(sae_module.SPARSE_BELOW, ("cpu", torch.float16))
     with torch.autocast("cpu", dtype=torch.float16):
         code = sae(x)[1]
-    assert code.f_BM is not None and (code.nnz_per_token(32) == 4).all()
+    assert code.f_BM is not None and (code.nnz_per_token() == 4).all()
 
 
 def test_dense_jumprelu_keeps_the_sae_dtype(monkeypatch):
@@ -404,7 +404,7 @@ def test_folded_scales_give_the_same_output_on_raw_activations():
         sae.fold_scales_(s, s)
         y_raw, code_raw = sae(x)
         assert torch.allclose(y_raw, y_norm / s, atol=1e-5), act_fn
-        assert torch.equal(code_raw.nnz_per_token(32), code_norm.nnz_per_token(32))
+        assert torch.equal(code_raw.nnz_per_token(), code_norm.nnz_per_token())
 
 
 def test_batchtopk_converts_to_jumprelu():
@@ -418,7 +418,7 @@ def test_batchtopk_converts_to_jumprelu():
     sae.to_jumprelu_()
     y_j, code_j = sae(x)
     assert sae.act_fn == "jumprelu"
-    assert abs(code_j.nnz_per_token(512).float().mean() - 8) < 0.8   # L0 within 10% of k
+    assert abs(code_j.nnz_per_token().mean() - 8) < 0.8   # L0 within 10% of k
     ev = 1 - (y_j - y_b).pow(2).sum() / (y_b - y_b.mean(0)).pow(2).sum()
     assert ev > 0.95
 
@@ -620,3 +620,32 @@ def test_bf16_autocast_rounds_x_after_b_dec_takes_out_its_large_dimensions():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = sae.encode(x).pre_BM
         assert (got.double() - want).abs().max() < 4 * 2 ** -8 * want.abs().max()
+
+
+@pytest.mark.parametrize("act_fn", ["relu", "jumprelu", "topk", "batchtopk"])
+def test_library_use_any_leading_shape_any_dtype_decode_of_edited_latents(act_fn):
+    """As from a notebook: (batch, seq, d) activations in the LM's dtype give y_hat of that shape;
+    decode takes the Code alone (its token count is its own) or edited latent activations f; the
+    Code's helpers agree on the sparse and the dense path."""
+    sae = make(act_fn, d=16, m=64, k=4).eval()
+    x = torch.randn(3, 5, 16)
+    y_hat, code = sae(x.bfloat16())
+    y_flat, code_flat = sae(x.bfloat16().float().view(15, 16))
+    assert y_hat.shape == (3, 5, 16) and y_hat.dtype == torch.float32
+    assert torch.equal(y_hat.view(15, 16), y_flat)
+    assert torch.allclose(sae.decode(code), y_flat) and torch.allclose(sae.decode(code.dense()), y_flat, atol=1e-5)
+    f = code.dense().clone()
+    f[:, 0] += 2.0                                   # steer along latent 0
+    assert torch.allclose(sae.decode(f) - y_flat, 2.0 * sae.W_dec[0].expand(15, 16), atol=1e-5)
+    nnz = code.nnz_per_token()
+    assert nnz.dtype == torch.float32 and torch.equal(nnz, (code.dense() > 0).float().sum(-1))
+    assert torch.equal(code.active(), (code.dense() > 0).float())
+    for bad in (torch.randn(15, 15), torch.randn(16), torch.randn(5, 1)):
+        if bad.shape[-1:] != (16,):
+            with pytest.raises(ValueError, match="d_in = 16"):
+                sae(bad)
+    assert sae(torch.randn(16))[0].shape == (16,)      # one token, no batch dimension
+    if act_fn in ("topk", "batchtopk"):
+        for k in (0, 65):
+            with pytest.raises(ValueError, match="1 <= k <= d_sae = 64"):
+                sae(x, k)
