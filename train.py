@@ -488,6 +488,9 @@ def train_activations(cfg: Config, model, drop_ids: torch.Tensor, device: str, r
                                  cfg.lm_batch(device), device, cfg.max_norm_ratio)
 
 
+D_MODEL_HOOKS = ("resid", "hook_attn_out", "hook_mlp_out", "hook_normalized")   # d_model wide, known from the config
+
+
 def check_k(cfg: Config, d_sae: int):
     if max(cfg.top_k, cfg.initial_k or 0) >= d_sae:
         raise ValueError(f"--top-k {cfg.top_k} (and --initial-k, if given) must be below d_sae = {d_sae}")
@@ -731,7 +734,7 @@ def main(cfg: Config) -> dict:
         # the LM only where it evaluates: rank 0, with --eval-every (else at the end)
         model, drop_ids = load_lm(cfg, device) if cfg.eval_every and rank == 0 else (None, None)
     else:
-        if "resid" in cfg.hook_point_in:                 # before the model loads, when we can
+        if any(s in cfg.hook_point_in for s in D_MODEL_HOOKS):      # before the model loads, when we can
             check_k(cfg, cfg.expansion_factor * d_model)
         model, drop_ids = load_lm(cfg, device)
         d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out)

@@ -56,6 +56,8 @@ def run_train(*args, timeout=600, env=None):
     (["--act-fn", "gelu"], "act-fn"),
     (["--top-k", "0"], "--top-k must be >= 1"),
     (["--top-k", "4608"], "must be below d_sae"),
+    (["--top-k", "4608", "--hook-point-in", "blocks.3.hook_mlp_out"], "must be below d_sae"),
+    (["--top-k", "4608", "--hook-point-in", "blocks.3.ln2.hook_normalized"], "must be below d_sae"),
     (["--hook-point-in", "blocks.99.hook_resid_post"], "blocks.15.hook_resid_post"),
     (["--hook-point-in", "blocks.3.hook_nonsense"], "is not one of this model's"),
     (["--dataset", "./no/such/folder"], "does not exist"),
