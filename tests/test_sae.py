@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import sae as sae_module
+from bench import PlainJumpReLU
 from sae import REL, SAE, JumpReLU, estimate_c, largest_pairs, row_topk
 
 
@@ -140,22 +141,6 @@ def test_jumprelu_threshold_gradient_matches_formula():
     assert torch.equal(h.grad, g * (c > theta.detach()))
 
 
-class _JumpReLURef(torch.autograd.Function):
-    """The textbook JumpReLU on contributions c (forward c * H(c - theta)), for comparisons."""
-
-    @staticmethod
-    def forward(ctx, c, theta, eps):
-        ctx.save_for_backward(c, theta)
-        ctx.eps = eps
-        return c * (c > theta)
-
-    @staticmethod
-    def backward(ctx, g):
-        c, theta = ctx.saved_tensors
-        window = ((c - theta).abs() < ctx.eps / 2) & (c > 0)
-        return g * (c > theta), (g * window).sum(0) * (-theta / ctx.eps), None
-
-
 @pytest.mark.parametrize("act_fn,penalty", [("relu", "l1"), ("relu", "tanh"), ("jumprelu", "tanh"),
                                             ("jumprelu", "l1")])
 @pytest.mark.parametrize("sparse", [False, True])
@@ -187,7 +172,8 @@ def test_fast_paths_equal_straightforward_sae(act_fn, penalty, sparse, monkeypat
     n = sae.W_dec.norm(dim=1)
     theta = sae.log_threshold.exp()
     c = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc) * n
-    a = torch.relu(c) if act_fn == "relu" else _JumpReLURef.apply(c, theta, 0.5)
+    # bench.py's textbook JumpReLU, on c; theta (0.3) > eps / 2, so every c in its window is > 0, as sae.py asks
+    a = torch.relu(c) if act_fn == "relu" else PlainJumpReLU.apply(c, theta, 0.5)
     y_ref = (a / n) @ sae.W_dec + sae.b_dec
     pen = a.sum(-1) if penalty == "l1" else torch.tanh(4 * a).sum(-1)
     loss = (y_ref - x).pow(2).sum(-1).mean() + 0.1 * pen.mean()
