@@ -37,6 +37,14 @@ BLOCK_HOOKS = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn
                "mlp.hook_pre", "mlp.hook_pre_linear", "attn.hook_z", "attn.o.hook_in"]
 
 
+# Hook points one d_model wide whatever the architecture: their width is known from the config alone.
+D_MODEL_HOOKS = ("resid", "hook_attn_out", "hook_mlp_out", "hook_normalized")
+
+
+def is_d_model_wide(hook_point: str) -> bool:
+    return any(s in hook_point for s in D_MODEL_HOOKS)
+
+
 def hook_layer(hook_point: str) -> int | None:
     """The block index a hook point lives in (blocks.L.*), or None for embed-level hooks."""
     m = re.match(r"blocks\.(\d+)\.", hook_point)
@@ -151,9 +159,9 @@ def _skip_unhooked_work_(model):
     """Make the bridge's forward the HF model's own where no hook needs more (transformer-lens 4.3):
     its rotary attention re-implements attention in eager Python for hook_pattern / hook_attn_scores,
     and its RMSNorm computes hook_scale / hook_normalized in fp32, then calls HF's norm anyway.
-    Handing both to the HF modules (sdpa) took the bridge from 1.35x to 0.97x the time of a raw HF
-    forward in fp32, 1.6x -> 1.1x in bf16 (bench.py, 2 CPU cores). Every hook in BLOCK_HOOKS still
-    fires; the attention pattern and scores, which nanoSAE never reads, do not."""
+    Handing both to the HF modules (sdpa) brings the bridge close to a raw HF forward (bench.py's
+    lm section). Every hook in BLOCK_HOOKS still fires; the attention pattern and scores, which
+    nanoSAE never reads, do not."""
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
     from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
     from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
@@ -186,6 +194,22 @@ def special_token_ids(tokenizer, extra: list[int] = ()) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # text and contexts
+
+
+def looks_local(name: str) -> bool:
+    """A path, not an HF name (owner/name): it exists, starts like a path, has two slashes, or its
+    first part is a local folder (e.g. a typo in data/austn)."""
+    return (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
+            or ("/" in name and os.path.isdir(name.split("/")[0])))
+
+
+def write_atomic(path: str, data):
+    """Write data (str, bytes, or a function of an open binary file) to path under a temporary
+    name, then rename it: a crash leaves the old file or the new one, never half of one. The file
+    is made as the umask says."""
+    with open(path + ".tmp", "wb") as f:
+        data(f) if callable(data) else f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(path + ".tmp", path)
 
 
 def local_folder(dataset: str) -> str:
@@ -273,9 +297,9 @@ def iter_contexts(make_texts, tokenizer, context_size: int, rank: int = 0, world
 
 def ahead(fn, items):
     """fn(item) for each item, the next one computed in a thread while the caller uses this one.
-    Tokenizing a novel takes ~0.6 s (the tokenizer releases the GIL), a stall of the stream at each
-    book: on an H200, where the LM costs ~5 us per token, the tokenizer's ~3 were a dip at every
-    book, and running it ahead took train.py from 77k/94k to 102k/114k tokens/s (two pairs)."""
+    Tokenizing a novel-length document takes a noticeable fraction of a second (the tokenizer
+    releases the GIL): run in line, it stalls the stream at every document where the LM is fast
+    (on a GPU)."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         job = None
         for item in items:
@@ -330,9 +354,7 @@ def next_token_sums(tokens_BT: torch.Tensor, clean_BTV, sae_BTV, zero_BTV, rows:
     zero-ablated logits, and of KL(clean || SAE). With lse = logsumexp(z), loss = lse - z[target]
     and KL = sum_v p_clean (z_clean - z_sae) - lse_clean + lse_sae, in fp32, `rows` positions of a
     context at a time (16 on CPU: they stay in cache; a context elsewhere). Not fp32 log-probs of
-    the whole batch (SmolLM2, 16 x 128 tokens: 400 MB each). With train.keep_freed_memory, which
-    evaluate turns on: the default held-out evaluation (32k tokens) on 2 CPU cores, two runs each
-    in turns, 116-119 -> 79-85 s, peak memory 3.6 -> 2.1 GB."""
+    the whole batch, hundreds of MB each for a large vocabulary."""
     sums = torch.zeros(4, dtype=torch.float64, device=tokens_BT.device)
     B, T = tokens_BT.shape
     rows = rows or (16 if tokens_BT.device.type == "cpu" else T)
@@ -344,6 +366,95 @@ def next_token_sums(tokens_BT: torch.Tensor, clean_BTV, sae_BTV, zero_BTV, rows:
         kl = (torch.softmax(z[0], -1) * (z[0] - z[1])).sum() - (lse[0] - lse[1]).sum()
         sums += torch.stack(loss + [kl]).double()
     return sums
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics and the held-out evaluation
+
+
+TYPICAL_NORM_RATIO = 10.0     # explained_variance_typical leaves out targets above 10x the median norm
+
+
+class Stats:
+    """Sums over tokens, so that every metric is a ratio of sums (SPEC, "Metrics"), not a mean of
+    per-batch ratios: tokens, squared error, ||y||^2, active pairs, sum of y (d_out), how many
+    tokens each latent fired on (d_sae), and optional loss terms per step. The training log's window
+    and the evaluation both use it; one flat vector is one all-reduce under torchrun."""
+
+    def __init__(self, d_out: int, d_sae: int, device):
+        self.d_out, self.terms, self.steps = d_out, {}, 0
+        self.sums = torch.zeros(4 + d_out + d_sae, dtype=torch.float64, device=device)
+
+    def add(self, y_BD: torch.Tensor, y_hat_BD: torch.Tensor, fired_M: torch.Tensor | None = None,
+            terms: dict | None = None):
+        """y, y_hat (B, d_out); fired_M (d_sae,) this process's firing counts; terms: scalar tensors."""
+        y, y_hat = y_BD.double(), y_hat_BD.double()
+        nnz = fired_M.sum().double() if fired_M is not None else y.new_zeros(())
+        self.sums[:4] += torch.stack([y.new_tensor(float(len(y))), (y - y_hat).pow(2).sum(), y.pow(2).sum(), nnz])
+        self.sums[4:4 + self.d_out] += y.sum(0)
+        if fired_M is not None:
+            self.sums[4 + self.d_out:] += fired_M.double()
+        for name, v in (terms or {}).items():
+            self.terms[name] = self.terms.get(name, 0.0) + v.item()
+        self.steps += 1
+
+    def read(self, reduce=lambda t: t, world: int = 1) -> dict:
+        """The metrics; reduce(t) sums a tensor over the processes (train.py), world counts them."""
+        sums = reduce(self.sums)
+        terms = reduce(torch.tensor(list(self.terms.values()), dtype=torch.float64, device=sums.device))
+        (n, err, y2, nnz), y_sum, fired = sums[:4].tolist(), sums[4:4 + self.d_out], sums[4 + self.d_out:]
+        freq = fired / max(n, 1)
+        return {"n": n, "mse": err / max(n, 1), "explained_variance": 1 - err / (y2 - y_sum.pow(2).sum().item() / n),
+                "l0": nnz / max(n, 1), "dead": (fired == 0).double().mean().item(),
+                "ultra_rare": (freq < 1e-5).double().mean().item(), "dense": (freq > 1e-1).double().mean().item(),
+                **{k: v / (self.steps * world) for k, v in zip(self.terms, terms.tolist())}}
+
+
+@torch.no_grad()
+def evaluate(saes: list, model, contexts: list[torch.Tensor], hook_in: str, hook_out: str,
+             drop_ids: torch.Tensor, per_batch: int = 16, max_norm_ratio: float | None = None) -> list[dict]:
+    """Raw-space SAEs (sae.SAE) on held-out contexts: explained variance, over every token and over the
+    typical ones (target ||y|| <= TYPICAL_NORM_RATIO x the batch median: no massive activations; y,
+    because a transcoder's input may be a norm's output, of one size at every token), L0, dead and
+    ultra-rare latents, and the LM's next-token loss with the activation at hook_out replaced by the
+    reconstruction, against the clean loss and zero-ablation (SPEC, "Metrics"). BOS/EOS/pad
+    positions stay clean. The clean and zero-ablated forwards are shared by all the SAEs."""
+    device = next(model.parameters()).device
+    for sae in saes:
+        sae.eval()
+    acc = [(Stats(sae.d_out, sae.d_sae, device), Stats(sae.d_out, 0, device),
+            torch.zeros(4, dtype=torch.float64, device=device)) for sae in saes]
+    n_pred = 0
+    for i in range(0, len(contexts), per_batch):
+        tokens = torch.stack(contexts[i:i + per_batch]).to(device)
+        keep = ~torch.isin(tokens, drop_ids.to(device))
+        logits, cache = model.run_with_cache(tokens, names_filter=sorted({hook_in, hook_out}))
+        x, y = token_vectors(cache, hook_in), token_vectors(cache, hook_out)
+        if max_norm_ratio is not None:          # outlier positions are left out, as in training
+            keep[keep.clone()] = within_norm_ratio(x[keep], max_norm_ratio)
+        x, y = x[keep], y[keep].float()
+        typical = within_norm_ratio(y, TYPICAL_NORM_RATIO)
+        # the LM zero-ablated, and with each reconstruction spliced in, at the same positions
+        new = torch.zeros(*tokens.shape, y.shape[1], device=device)
+        lg_zero = spliced_logits(model, tokens, hook_out, new, keep)
+        for sae, (stats, stats_typical, losses) in zip(saes, acc):
+            y_hat, code = sae(x.to(sae.W_enc.dtype))
+            y_hat = y_hat.float()
+            stats.add(y, y_hat, code.fired(sae.d_sae))
+            stats_typical.add(y[typical], y_hat[typical])
+            new[keep] = y_hat
+            losses += next_token_sums(tokens, logits, spliced_logits(model, tokens, hook_out, new, keep), lg_zero)
+        n_pred += tokens[:, 1:].numel()
+    results = []
+    for stats, stats_typical, losses in acc:
+        m, (l_clean, l_sae, l_zero, kl) = stats.read(), (losses / n_pred).tolist()
+        results.append({"explained_variance": m["explained_variance"],
+                        "explained_variance_typical": stats_typical.read()["explained_variance"],
+                        **{k: m[k] for k in ("l0", "mse", "dead", "ultra_rare")},
+                        "ce_loss_clean": l_clean, "ce_loss_sae": l_sae, "ce_loss_zero": l_zero,
+                        "ce_loss_recovered": (l_zero - l_sae) / (l_zero - l_clean), "delta_lm_loss": l_sae - l_clean,
+                        "kl_clean_sae": kl, "tokens": int(m["n"]), "predicted_tokens": n_pred})
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,9 +474,7 @@ def write_cache(folder: str, activations, manifest: dict, max_tokens: int, shard
     def flush():
         parts = {k: torch.cat([a[k] for a in pending]).contiguous().cpu() for k in keys}
         name = f"shard_{len(shards):05d}.safetensors"
-        with open(os.path.join(folder, name + ".tmp"), "wb") as f:   # (save_file: mode 0600)
-            f.write(save(parts))
-        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+        write_atomic(os.path.join(folder, name), save(parts))         # (not save_file: mode 0600)
         shards.append({"file": name, "tokens": len(parts["tokens"])})
         pending.clear()
     for a in activations:
@@ -379,9 +488,7 @@ def write_cache(folder: str, activations, manifest: dict, max_tokens: int, shard
     if pending:
         flush()
     manifest = {**manifest, "tokens": n, "mean_norm_in": norm_sum / max(n, 1), "shards": shards}
-    with open(os.path.join(folder, "manifest.json.tmp"), "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(os.path.join(folder, "manifest.json.tmp"), os.path.join(folder, "manifest.json"))
+    write_atomic(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -440,15 +547,17 @@ def iter_cache(folder: str, manifest: dict, seed: int, rank: int = 0, world_size
 
 def mix(chunks, buffer_size: int, batch_size: int, seed: int, device: str = "cpu",
         state: dict | None = None):
-    """Shuffle tokens across contexts: fill a buffer of buffer_size rows from the (N, D) chunks;
+    """Shuffle tokens across contexts. chunks yields (rows (N, D), source): source is where the
+    source stands after those rows, passed through untouched. Fill a buffer of buffer_size rows;
     when full, permute it with a generator seeded by `seed` (on `device`), serve the first half as
-    batches of batch_size, refill. At the end the remainder is shuffled and served too, so every
-    row comes out exactly once. `state` holds the buffer, the rows still to serve and the generator
-    after every batch: a checkpoint saves it, and a resumed run passing it back continues there."""
-    state = {} if state is None else state
+    batches of batch_size, refill. At the end the remainder is shuffled and served too, so every row
+    comes out exactly once. Yields (batch, state): state is a new dict after every batch, the buffer,
+    the rows still to serve, the generator and the source of the last chunk read; a checkpoint
+    saves it, and mix(..., state=state) over the chunks after that source continues there."""
+    state = state or {}
     # A generator's state fits one device type, whose permutations are its own: a resumed run shuffles
     # where the checkpointed one did (one from a CPU run resumed beside a GPU: on the CPU).
-    kind = state.setdefault("rng_device", torch.device(device).type)
+    kind = state.get("rng_device", torch.device(device).type)
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("--resume: this checkpoint's data order was shuffled on a GPU; resume on a "
                          "machine with one")
@@ -456,23 +565,21 @@ def mix(chunks, buffer_size: int, batch_size: int, seed: int, device: str = "cpu
     g = torch.Generator(device).manual_seed(seed)
     if "rng" in state:
         g.set_state(state["rng"])
-    buf, n_serve = state.get("buf"), state.get("n_serve", 0)
+    buf, n_serve, source = state.get("buf"), state.get("n_serve", 0), state.get("source")
 
     def serve():
         nonlocal buf, n_serve
         while n_serve > 0:
             out, buf = buf[:min(batch_size, n_serve)], buf[min(batch_size, n_serve):]
             n_serve -= len(out)
-            state.update(buf=buf, n_serve=n_serve, rng=g.get_state())
-            yield out
+            yield out, {"buf": buf, "n_serve": n_serve, "rng": g.get_state(), "rng_device": kind, "source": source}
 
     def shuffle(t):
         return t[torch.randperm(len(t), generator=g, device=device).to(t.device)]
 
     yield from serve()                                 # a resumed run first finishes its half
-    for chunk in chunks:
+    for chunk, source in chunks:
         buf = chunk if buf is None else torch.cat([buf.to(chunk.device), chunk])
-        state["buf"] = buf
         if len(buf) >= buffer_size:
             buf, n_serve = shuffle(buf), max(len(buf) // 2 // batch_size, 1) * batch_size
             yield from serve()

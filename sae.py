@@ -1,21 +1,28 @@
-"""The sparse autoencoder: activation functions, init, losses, BatchTopK -> JumpReLU, save/load.
+"""The sparse autoencoder: activation functions, losses, init, BatchTopK -> JumpReLU, save/load.
 
 Notation (see README): x (B, d_in) the input activation, y (B, d_out) the target (y = x for an SAE,
-another hook point for a transcoder), m = d_sae latents.
+another hook point for a transcoder), m = d_sae latents. Weights are stored as nn.Linear stores
+them: W_enc (m, d_in), W_dec (m, d_out).
 
-    h = (x - b_dec) W_enc + b_enc          (no b_dec subtraction for a transcoder)
+    h = (x - b_dec) W_enc^T + b_enc        (no b_dec subtraction for a transcoder)
     c_i = h_i * n_i,  n_i = ||W_dec[i]||   the size of what latent i adds to the reconstruction
     f_i = act(c_i) / n_i
     y_hat = f W_dec + b_dec
 
 Decoder rows are not forced to unit norm: TopK ranks, and JumpReLU thresholds, the contribution c
 (as in Anthropic's "Towards Monosemanticity", where the L1 penalty is weighted by ||W_dec[i]||).
-Imports torch and safetensors only.
+
+The file has two halves. Above the fence, the SAE as these formulas state it, each activation
+function one short branch of SAE.encode. Below it, the fast paths: the same code, losses and
+gradients with far less work (see the fence). Imports torch and safetensors only.
 """
+import ctypes
 import inspect
 import json
 import math
 import os
+import platform
+from functools import partial
 from typing import Literal, NamedTuple, get_args
 
 import torch
@@ -24,28 +31,25 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
 ActFn = Literal["relu", "jumprelu", "topk", "batchtopk"]
+TANH_C = 4.0        # the tanh penalty's c (README)
 
 
 class Code(NamedTuple):
-    """The code of a batch: f_BM (B, m) where it is dense (relu, jumprelu while many latents fire;
-    topk, batchtopk with no SPARSE_BELOW entry), else None and token rows[j] uses latent cols[j]
-    with value vals[j], rows sorted."""
+    """The code of a batch of B tokens. Dense: f_BM (B, m), the latent activations f. Sparse (only
+    the fast paths make one): f_BM is None, and token rows[j] uses latent cols[j] with value
+    vals[j], rows sorted."""
     f_BM: torch.Tensor | None
-    vals: torch.Tensor | None
     rows: torch.Tensor | None
     cols: torch.Tensor | None
-    pre_BM: torch.Tensor  # relu/jumprelu: h = (x - b_dec) W_enc + b_enc, with autograd; topk/batchtopk:
-                          # c = h * n, without (an estimate in bf16 where exact_cols is set)
-    n_M: torch.Tensor     # decoder row norms
-    pre_is_c: bool = False
-    select: object = None  # topk/batchtopk: (rows, cols[, their c]) -> h at those pairs, with gradient
-    bags: tuple | None = None  # sparse code: latent_bags of the pairs that fired
-    exact_cols: object = None  # where pre_BM is estimate_c's bf16 c: cols -> their exact (B, len(cols)) c
-    tanh_sum: torch.Tensor | None = None  # dense jumprelu: sum tanh(TANH_C f n), made with f (JumpReLU)
+    vals: torch.Tensor | None
+    pre_BM: torch.Tensor        # (B, m) the contributions c; h where pre_is_c is False (c = h n)
+    n_M: torch.Tensor           # (m,) decoder row norms n_i = ||W_dec[i]||
+    pre_is_c: bool = True
+    fast: "Fast | None" = None  # what a fast path hands on to decode and the losses (see Fast)
 
     @property
     def c_BM(self) -> torch.Tensor:
-        """The contributions h_i * n_i that the activation functions rank and threshold."""
+        """(B, m) the contributions c = h * n that the activation functions rank and threshold."""
         return self.pre_BM if self.pre_is_c else self.pre_BM * self.n_M.to(self.pre_BM.dtype)
 
     def dense(self) -> torch.Tensor:
@@ -56,7 +60,7 @@ class Code(NamedTuple):
         return f_BM.index_put((self.rows, self.cols), self.vals)
 
     def active(self) -> torch.Tensor:
-        """(B, m) 1.0 where a latent fired (f is never negative), as floats: bools sum 2x slower."""
+        """(B, m) 1.0 where a latent fired (f is never negative), as floats: bools sum slower."""
         f_BM = self.dense()
         return torch.gt(f_BM, 0, out=torch.empty(f_BM.shape, device=f_BM.device))
 
@@ -74,8 +78,423 @@ class Code(NamedTuple):
         return torch.bincount(self.cols[self.vals != 0], minlength=M).float()
 
 
-TANH_C = 4.0        # the tanh penalty's c (README)
+class PlainJumpReLU(torch.autograd.Function):
+    """f = c H(c - theta), per latent, with the straight-through estimator of Rajamanoharan et al.
+    2024 ("Jumping Ahead"): the step H passes no gradient to c, and a rectangle window of width eps
+    gives theta one, dL/dtheta_i = sum_batch dL/df (-theta_i / eps) 1[|c - theta_i| < eps/2, c > 0]."""
+
+    @staticmethod
+    def forward(ctx, c, theta, eps):
+        ctx.save_for_backward(c, theta)
+        ctx.eps = eps
+        return c * (c > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        c, theta = ctx.saved_tensors
+        window = ((c - theta).abs() < ctx.eps / 2) & (c > 0)
+        return g * (c > theta), (g * window).sum(0) * (-theta / ctx.eps), None
+
+
+class SAE(nn.Module):
+    def __init__(self, d_in: int, d_sae: int, act_fn: ActFn = "topk", top_k: int = 64,
+                 d_out: int | None = None, transcoder: bool = False,
+                 jumprelu_threshold_window: float = 0.1, jumprelu_init_threshold: float = 0.1,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        super().__init__()
+        if act_fn not in get_args(ActFn):
+            raise ValueError(f"unknown act_fn {act_fn!r}: use relu, jumprelu, topk or batchtopk")
+        d_out = d_out or d_in
+        self.d_in, self.d_sae, self.d_out = d_in, d_sae, d_out
+        self.act_fn, self.top_k, self.transcoder = act_fn, top_k, transcoder
+        self.jumprelu_threshold_window = jumprelu_threshold_window
+        self.jumprelu_init_threshold = jumprelu_init_threshold
+        kw = dict(dtype=dtype, device=device)
+        # Random decoder directions; the encoder starts as the decoder (h = x W_dec^T: W_enc = W_dec).
+        W_dec = torch.randn(d_sae, d_out, **kw)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)                                          # (m, d_out)
+        self.W_enc = nn.Parameter(W_dec.clone() if d_in == d_out                  # (m, d_in)
+                                  else torch.randn(d_sae, d_in, **kw) / d_in ** 0.5)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, **kw))
+        # JumpReLU thresholds live in fp32 whatever the SAE's dtype: exp() of a bf16 log is coarse.
+        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(jumprelu_init_threshold),
+                                                     dtype=torch.float32, device=device))
+        # BatchTopK's running threshold: the smallest contribution it kept, averaged over batches.
+        self.register_buffer("threshold", torch.tensor(-1.0, device=device))
+
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this SAE (saved as config.json)."""
+        names = inspect.signature(SAE.__init__).parameters
+        return {k: getattr(self, k) for k in names if k not in ("self", "dtype", "device")}
+
+    def param_groups(self, threshold_lr_factor: float) -> list[dict]:
+        """For torch.optim: the weights and biases at the learning rate, JumpReLU's log thresholds
+        at threshold_lr_factor times it (the loop sets group["lr"] = lr * group.get("lr_factor", 1))."""
+        return [{"params": [self.W_enc, self.W_dec, self.b_enc, self.b_dec]},
+                {"params": [self.log_threshold], "lr_factor": threshold_lr_factor}]
+
+    # ---------------------------------------------------------------------------------------
+    # forward
+
+    def encode(self, x_BD: torch.Tensor, k: int | None = None) -> Code:
+        """The Code of x (B, d_in); k (topk, batchtopk) defaults to top_k."""
+        k = self.top_k if k is None else k
+        if self.act_fn in ("topk", "batchtopk") and not 1 <= k <= self.d_sae:
+            raise ValueError(f"k = {k}: {self.act_fn} takes 1 <= k <= d_sae = {self.d_sae}")
+        if FAST and (code := fast_encode(self, x_BD, k)) is not None:
+            return code
+        h_BM = (x_BD if self.transcoder else x_BD - self.b_dec) @ self.W_enc.T + self.b_enc
+        n_M = self.W_dec.norm(dim=1)
+        c_BM = h_BM * n_M                           # the contributions, which act() works on
+        if self.act_fn == "relu":
+            a_BM = F.relu(c_BM)
+        elif self.act_fn == "jumprelu":
+            a_BM = PlainJumpReLU.apply(c_BM, self.log_threshold.exp(), self.jumprelu_threshold_window)
+        elif self.act_fn == "topk":                  # each token's k largest
+            c_Bk, idx_Bk = c_BM.topk(k, dim=-1, sorted=False)
+            a_BM = torch.zeros_like(c_BM).scatter(1, idx_Bk, F.relu(c_Bk))
+        elif self.act_fn == "batchtopk":             # the batch's k*B largest (Bussmann et al. 2024)
+            c, at = c_BM.flatten().topk(k * len(c_BM), sorted=False)
+            a_BM = torch.zeros_like(c_BM).flatten().scatter(0, at, F.relu(c)).view_as(c_BM)
+            if self.training:
+                self.update_threshold_(torch.where(c > 0, c.detach(), torch.inf).min())
+        return Code(a_BM / n_M, None, None, None, c_BM, n_M)   # f = act(c) / n
+
+    def decode(self, code: Code | torch.Tensor) -> torch.Tensor:
+        """y_hat from a Code (encode's), or from latent activations f (..., d_sae): edited ones, say."""
+        if isinstance(code, torch.Tensor):
+            return code.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        if code.f_BM is None:                  # a fast path's sparse code: k rows of W_dec per token
+            return sparse_decode(self, code) + self.b_dec
+        return code.f_BM @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, Code]:
+        """y_hat, shaped as x (..., d_in) but with d_out, and the Code of its tokens (tokens, d_sae).
+        x is cast to the SAE's dtype; k (topk, batchtopk) defaults to top_k."""
+        if x.shape[-1:] != (self.d_in,):
+            raise ValueError(f"x is {tuple(x.shape)}: the SAE takes (..., d_in = {self.d_in}) activations")
+        code = self.encode(x.reshape(-1, self.d_in).to(self.W_enc.dtype), k)
+        return self.decode(code).view(*x.shape[:-1], self.d_out), code
+
+    @torch.no_grad()
+    def update_threshold_(self, t: torch.Tensor, decay: float = 0.95):
+        """Exponential moving average of BatchTopK's smallest kept contribution. A memory of ~20
+        steps follows the SAE as it trains, so the conversion uses the end-of-training value."""
+        t, old = t.float(), self.threshold
+        # No Python branch on a tensor, which would wait for the device every step. t is inf when
+        # nothing fired: the average stays.
+        new = torch.where(old < 0, t, decay * old + (1 - decay) * t)
+        self.threshold.copy_(torch.where(t.isfinite(), new, old))
+
+    # ---------------------------------------------------------------------------------------
+    # losses
+
+    def sparsity_loss(self, code: Code, kind: Literal["l1", "tanh"], c: float = TANH_C):
+        """Per-token penalty on the contributions f_i * n_i: l1 = sum_i f_i n_i,
+        tanh = sum_i tanh(c f_i n_i) (a smooth L0 proxy, Anthropic's April 2024 update)."""
+        B = len(code.pre_BM)
+        if code.f_BM is None:                            # sparse code: the nonzero pairs only
+            a = code.vals * code.n_M[code.cols].to(code.vals.dtype)
+            return (a if kind == "l1" else torch.tanh(c * a)).sum() / B
+        if kind == "tanh" and c == TANH_C and code.fast is not None and code.fast.tanh_sum is not None:
+            return code.fast.tanh_sum / B                # made along with f (the blocked JumpReLU)
+        n_M = code.n_M.to(code.f_BM.dtype)
+        if kind == "l1":
+            return (code.f_BM @ n_M).mean()              # a matvec: one read of f
+        return torch.tanh(code.f_BM * (c * n_M)).sum() / B
+
+    def pre_act_loss(self, code: Code):
+        """JumpReLU's pre-activation loss sum_i ReLU(theta_i - h_i) n_i: it pulls latents that sit
+        below their threshold up toward it. Written in contribution space, ReLU(theta_i - c_i),
+        which is the same quantity with the threshold on h being theta_i / n_i."""
+        return F.relu(self.log_threshold.exp() - code.c_BM).sum(-1).mean()
+
+    def auxk_loss(self, code: Code, resid_BD: torch.Tensor, dead_M: torch.Tensor,
+                  k_aux: int = 512) -> torch.Tensor:
+        """AuxK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): each token's top
+        k_aux dead latents reconstruct the residual e = y - y_hat (detached), mean ||e - e_hat||^2.
+        Only dead latents' encoder and decoder rows get a gradient."""
+        if (n_dead := int(dead_M.sum())) == 0:
+            return resid_BD.new_zeros(())
+        k_aux = min(k_aux, n_dead)
+        if code.fast is not None:
+            return fast_auxk_loss(self, code, resid_BD, dead_M, k_aux)
+        c_BM = code.c_BM
+        idx_Bk = c_BM.detach().masked_fill(~dead_M, -torch.inf).topk(k_aux, dim=-1, sorted=False).indices
+        f_BM = torch.zeros_like(c_BM).scatter(1, idx_Bk, F.relu(c_BM.gather(1, idx_Bk)) / code.n_M[idx_Bk])
+        return (resid_BD.detach() - f_BM @ self.W_dec).pow(2).sum(-1).mean()
+
+    # ---------------------------------------------------------------------------------------
+    # init, conversion, folding
+
+    @torch.no_grad()
+    def set_decoder_norm_(self, r: float):
+        """Every decoder row to norm r and the encoder to the decoder again (W_enc = W_dec)."""
+        self.W_dec.mul_(r / self.W_dec.norm(dim=1, keepdim=True))
+        if self.d_in == self.d_out:
+            self.W_enc.copy_(self.W_dec)
+
+    @torch.no_grad()
+    def grid_search_init_norm_(self, x_BD: torch.Tensor, y_BD: torch.Tensor, k: int | None = None,
+                               mean=lambda t: t) -> float:
+        """Pick the decoder-row norm r with the lowest reconstruction MSE on one batch (at the k of
+        the first step): a coarse search over linspace(0.1, 5.0, 50), then a fine one around the best
+        coarse value. mean() turns this batch's MSE into the global batch's (train.py: over ranks)."""
+        def mse(r):
+            self.set_decoder_norm_(r)
+            return mean((self(x_BD, k)[0] - y_BD).pow(2).sum(-1).mean()).item()
+        coarse = min(torch.linspace(0.1, 5.0, 50).tolist(), key=mse)
+        best = min(torch.linspace(coarse - 0.09, coarse + 0.1, 20).tolist(), key=mse)
+        self.set_decoder_norm_(best)
+        return best
+
+    @torch.no_grad()
+    def to_jumprelu_(self) -> "SAE":
+        """BatchTopK -> JumpReLU: every latent's threshold becomes the running batch threshold t,
+        so a token's code no longer depends on its batch-mates."""
+        assert self.act_fn == "batchtopk", "only a BatchTopK SAE converts to JumpReLU"
+        assert self.threshold > 0, "this SAE has no running threshold (was it trained?)"
+        self.log_threshold.fill_(math.log(self.threshold.item()))
+        self.act_fn = "jumprelu"
+        return self
+
+    @torch.no_grad()
+    def fold_scales_(self, s_in: float, s_out: float):
+        """Trained on x * s_in -> y * s_out; make it take raw x and give raw y. Contributions and
+        thresholds scale by 1 / s_out; the code f and so L0 stay the same."""
+        self.W_enc.mul_(s_in)
+        self.W_dec.div_(s_out)
+        self.b_dec.div_(s_out)
+        self.log_threshold.sub_(math.log(s_out))
+        if self.threshold > 0:
+            self.threshold.div_(s_out)
+
+    # ---------------------------------------------------------------------------------------
+    # save / load: config.json + sae.safetensors in one folder
+
+    def save(self, folder: str, extra: dict | None = None):
+        """config.json + sae.safetensors, each written under a temporary name and renamed: a crash
+        mid-save leaves the previous files, never a half-written one. "format": 2 marks W_enc
+        stored (d_sae, d_in)."""
+        os.makedirs(folder, exist_ok=True)
+        config, weights = os.path.join(folder, "config.json"), os.path.join(folder, "sae.safetensors")
+        with open(weights + ".tmp", "wb") as f:   # (save_file makes it mode 0600, whatever the umask)
+            f.write(save({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}))
+        with open(config + ".tmp", "w") as f:
+            json.dump({**(extra or {}), "format": 2, "sae": self.config()}, f, indent=2)
+        os.replace(weights + ".tmp", weights)
+        os.replace(config + ".tmp", config)
+
+    @staticmethod
+    def load(folder: str, device: str | torch.device = "cpu") -> "SAE":
+        for name in ("config.json", "sae.safetensors"):
+            if not os.path.exists(os.path.join(folder, name)):
+                raise FileNotFoundError(f"{folder} has no {name}: is it a folder that train.py saved?")
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        state = load_file(os.path.join(folder, "sae.safetensors"), device=str(device))
+        if config.get("format", 1) == 1:       # saved with W_enc as (d_in, d_sae)
+            state["W_enc"] = state["W_enc"].T.contiguous()
+        sae = SAE(**config["sae"], dtype=state["W_enc"].dtype, device=device)
+        sae.load_state_dict(state)
+        return sae.eval()        # for inference: a forward in train mode moves BatchTopK's threshold
+
+
+# =================================================================================================
+# FAST PATHS
+#
+# Everything below computes what the plain SAE above computes (the same code, the same losses and
+# gradients, up to rounding) with less work, and is reached from it through one call each: encode
+# (fast_encode), decode of a sparse code (sparse_decode), AuxK (fast_auxk_loss). What it does:
+#   - relu and jumprelu work on h with per-latent bounds, never building c = h * n; on CPU the dense
+#     JumpReLU runs forward and backward a block of rows at a time (JumpReLU).
+#   - Once few latents fire, the code is sparse: (rows, cols, vals) pairs, decoded with an
+#     embedding_bag (k rows of W_dec per token instead of m), with a backward that touches only
+#     the latents that fired (SparseEncode, SparseDecode).
+#   - topk and batchtopk select without autograd, skipping most values (row_topk, largest_pairs),
+#     and on a CPU with bf16 matrix units select on a bf16 estimate of c with an error bound,
+#     checked on the exact c (estimate_c, exact_pairs).
+# Which path a batch takes depends on the device, the matmul dtype and how many latents fire
+# (SPARSE_BELOW, ESTIMATE_FROM). FAST = False runs every act_fn on the plain path: to check a
+# change against it, or to try a new idea in the plain code first. The tests hold the two paths
+# to the same outputs and gradients.
+# =================================================================================================
+
+FAST = True
+
+
+# relu / jumprelu take the sparse code when at most this share of (token, latent) pairs fire (a
+# window pair below JumpReLU's threshold counts half); topk / batchtopk wherever there is an entry.
+# Each is about where the sparse step overtakes the dense one. A GPU runs dense matmuls so fast
+# that sparse wins there only in fp32 and only at a low L0; under bf16 on a GPU it does not win
+# at all, so that has no entry (dense throughout).
+SPARSE_BELOW = {("cpu", torch.float32): 0.07, ("cpu", torch.bfloat16): 0.03, ("cpu", torch.float16): 0.04,
+                ("cuda", torch.float32): 0.005}
+
+# fp32 topk and batchtopk on a CPU with bf16 matrix units (AMX), whose bf16 matmuls run several
+# times faster than fp32 ones, select on estimate_c's bf16 c, then exact_pairs, where m >= this.
+# The gain grows with m; below this the exact checks cost about what the bf16 matmul saves.
+ESTIMATE_FROM = 12288 if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else math.inf
+
 BLOCK = 2 ** 18     # elements of a row block of a (B, m) tensor on CPU: 1 MB in fp32 (see JumpReLU)
+
+
+class Fast(NamedTuple):
+    """What a fast encode hands on, in its Code, to decode and AuxK."""
+    x_BD: torch.Tensor                  # the centred input x - b_dec (x for a transcoder), no autograd
+    h_BM: torch.Tensor | None = None    # dense paths: h with autograd, where AuxK takes its pairs
+    bags: tuple | None = None           # sparse code: latent_bags of its pairs that fired
+    estimated: bool = False             # pre_BM is estimate_c's bf16 estimate of c
+    tanh_sum: torch.Tensor | None = None  # dense jumprelu: sum tanh(TANH_C f n), made with f
+
+
+def keep_freed_memory():
+    """glibc gives every freed block over 32 MB back to the OS, so on CPU each (B, m) tensor of a
+    large batch faults its pages in anew, which takes about as long as the op that fills it. Keep
+    freed blocks in the heap for the next step instead, as a caching allocator would: it pays most
+    where a step makes many large (B, m) tensors (a dense jumprelu, large m). The cost: memory is
+    not given back, and the heap's fragmentation can about double the resident memory."""
+    if platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-4, 0)                 # M_MMAP_MAX: no block gets a mapping of its own
+        libc.mallopt(-1, -1)                # M_TRIM_THRESHOLD -1: the heap never shrinks
+
+
+def fast_encode(sae: SAE, x_BD: torch.Tensor, k: int) -> Code | None:
+    """SAE.encode's fast paths; None for an act_fn that has none (it then takes the plain path)."""
+    if sae.act_fn not in ("relu", "jumprelu", "topk", "batchtopk"):
+        return None
+    n_M = sae.W_dec.norm(dim=1)
+    # h = (x - b_dec) W_enc^T + b_enc with x centred on a detached b_dec, and b_dec's gradient
+    # through the bias, whose value is b_enc: (b_dec - b_dec.detach()) W_enc^T is a (d,) x (d, m)
+    # product, where autograd through x - b_dec would need a (B, m) x (m, d) matmul in the
+    # backward. Centred, not x W_enc^T + (b_enc - W_enc b_dec): under bf16 autocast the large
+    # dimensions that b_dec takes out would swell the rounding error of h several times.
+    b_dec = None if sae.transcoder else sae.b_dec
+    x_c = x_BD if b_dec is None else x_BD - b_dec.detach().to(x_BD.dtype)
+    bias_M = sae.b_enc if b_dec is None else sae.b_enc - (b_dec - b_dec.detach()) @ sae.W_enc.T
+    dev = x_BD.device.type
+    mm = (dev, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_BD.dtype)
+    share = SPARSE_BELOW.get(mm, 0)                         # by device and matmul dtype
+    if sae.act_fn in ("relu", "jumprelu"):
+        return encode_on_h(sae, x_c, bias_M, n_M, share)
+    return encode_selected(sae, x_c, bias_M, n_M, k, share, mm)
+
+
+def encode_on_h(sae: SAE, x_c, bias_M, n_M, share: float) -> Code:
+    """relu and jumprelu: since n > 0, relu(h n) / n = relu(h) and JumpReLU's H(h n - theta) =
+    H(h - theta / n): the code comes from h directly, with per-latent bounds, and saves the (B, m)
+    passes that building c = h * n and dividing by n would take, forward and backward. Dense
+    while many latents fire (a fresh SAE), sparse once few do (a trained one)."""
+    h_BM = torch.addmm(bias_M, x_c, sae.W_enc.T)
+    theta_M, eps = sae.log_threshold.exp(), sae.jumprelu_threshold_window
+    jump = sae.act_fn == "jumprelu"
+    with torch.no_grad():   # pairs that can get a gradient: h > 0, or c in JumpReLU's window
+        lo_M = ((theta_M - eps / 2) / n_M).clamp(min=0) if jump else torch.zeros_like(n_M)
+        on_M = theta_M / n_M if jump else lo_M                       # and those that fire
+    if share:   # which path is faster, from ~64 of the tokens: the sparse one pays about half as
+        # much for a window pair below the threshold (f = 0, only dL/df) as for one that fires.
+        # Whole rows, which are cheap to read, not scattered pairs with their bounds gathered.
+        h_s = h_BM.detach()[::max(1, len(h_BM) // 64)]
+        cost = ((h_s > lo_M.to(h_s.dtype)).sum() + (h_s > on_M.to(h_s.dtype)).sum()) / (2 * h_s.numel())
+    if not share or cost > share:
+        if not jump:
+            return Code(F.relu(h_BM), None, None, None, h_BM, n_M, False, Fast(x_c, h_BM))
+        # the tanh penalty comes with f, for training (sparsity_loss)
+        f_BM, P = JumpReLU.apply(h_BM, n_M, theta_M, eps, TANH_C if torch.is_grad_enabled() else None)
+        return Code(f_BM, None, None, None, h_BM, n_M, False, Fast(x_c, h_BM, tanh_sum=P))
+    # Few latents fire: the sparse code, and the backward of the pairs that can get a gradient only.
+    rows, cols = (h_BM.detach() > lo_M.to(h_BM.dtype)).nonzero(as_tuple=True)
+    h_sel = h_BM.detach()[rows, cols]
+    bags = latent_bags(h_sel > on_M[cols].to(h_sel.dtype), cols, sae.d_sae)   # as JumpReLU / relu fire
+    b_dec = None if sae.transcoder else sae.b_dec
+    h_sel = SparseEncode.apply(x_c, sae.W_enc, sae.b_enc, b_dec, h_sel, rows, cols, bags)
+    vals = JumpReLU.apply(h_sel, n_M[cols], theta_M[cols], eps)[0] if jump else F.relu(h_sel)
+    return Code(None, rows, cols, vals, h_BM, n_M, False, Fast(x_c, bags=bags))
+
+
+def encode_selected(sae: SAE, x_c, bias_M, n_M, k: int, share: float, mm: tuple) -> Code:
+    """topk and batchtopk: select on c without autograd, then give the selected pairs' h its
+    gradient (SparseEncode; a gather where h is dense). Sparse wherever SPARSE_BELOW has an entry:
+    c = x_c (W_enc n)^T + b_enc n is one matmul, and the backward touches k latents per token.
+    Elsewhere (a GPU under bf16) h is dense and so is the code."""
+    B, M = len(x_c), sae.d_sae
+    h_BM, estimate = None, bool(share) and mm == ("cpu", torch.float32) and M >= ESTIMATE_FROM
+    if not share:
+        h_BM = torch.addmm(bias_M, x_c, sae.W_enc.T)
+        c_BM = h_BM.detach() * n_M.to(h_BM.dtype)
+    else:
+        with torch.no_grad():
+            if estimate:
+                c_BM, err_B = estimate_c(x_c, sae.W_enc, sae.b_enc, n_M)
+            else:
+                c_BM = torch.addmm(bias_M * n_M, x_c, (sae.W_enc * n_M[:, None]).T)
+    g_max = group_max(c_BM) if estimate else None       # computed once for both selections
+    if sae.act_fn == "topk":
+        c_Bk, idx_Bk = row_topk(c_BM, k, g_max)
+        if h_BM is not None:                 # dense: along rows, no (rows, cols) pairs needed
+            f_BM = torch.zeros_like(h_BM).scatter(1, idx_Bk, F.relu(h_BM.gather(1, idx_Bk)))
+            return Code(f_BM, None, None, None, c_BM, n_M, True, Fast(x_c, h_BM))
+        rows = torch.arange(B, device=c_BM.device).repeat_interleave(k)
+        cols, c = idx_Bk.flatten(), c_Bk.flatten()
+    else:   # the k*B largest of the batch (Bussmann et al. 2024); under torchrun, the rank's batch
+        rows, cols, c = largest_pairs(c_BM, k * B, g_max)
+    if estimate:
+        rows, cols, c = exact_pairs(c_BM, g_max, rows, cols, err_B, partial(c_at_pairs, sae, x_c, n_M),
+                                    k if sae.act_fn == "topk" else None)
+    bags = None if h_BM is not None else latent_bags(c > 0, cols, M)
+    vals = F.relu(h_at(sae, x_c, h_BM, n_M, rows, cols, c, bags))     # f = relu(c) / n = relu(h)
+    if sae.act_fn == "batchtopk" and sae.training:
+        sae.update_threshold_(torch.where(vals > 0, c, torch.inf).min())
+    fast = Fast(x_c, h_BM, bags, estimate)
+    if h_BM is not None:
+        f_BM = torch.zeros_like(h_BM).view(-1).scatter(0, rows * M + cols, vals).view(B, M)
+        return Code(f_BM, None, None, None, c_BM, n_M, True, fast)
+    return Code(None, rows, cols, vals, c_BM, n_M, True, fast)
+
+
+def h_at(sae: SAE, x_c, h_BM, n_M, rows, cols, c, bags=None) -> torch.Tensor:
+    """h = c / n at the pairs (rows, cols) of a selection, whose c it hands on, with the gradient.
+    Dense h: a gather at flat indices, whose backward is a scatter-add (h_BM[rows, cols]'s, an
+    accumulating index_put, sorts the pairs on CUDA). Else through SparseEncode."""
+    if h_BM is not None:
+        return h_BM.view(-1).gather(0, rows * h_BM.shape[1] + cols)
+    b_dec = None if sae.transcoder else sae.b_dec
+    return SparseEncode.apply(x_c, sae.W_enc, sae.b_enc, b_dec, c / n_M[cols], rows, cols, bags)
+
+
+@torch.no_grad()
+def c_at_pairs(sae: SAE, x_c, n_M, rows, cols) -> torch.Tensor:
+    """c at pairs (rows sorted): rows of x_c . rows of W_enc, + b_enc, times n."""
+    return (pair_dots(x_c, sae.W_enc, rows, cols) + sae.b_enc[cols]) * n_M[cols]
+
+
+def fast_auxk_loss(sae: SAE, code: Code, resid_BD, dead_M, k_aux: int) -> torch.Tensor:
+    """SAE.auxk_loss on a fast path's Code: the selection among the dead latents' columns only,
+    their h with a sparse backward, decoded sparse."""
+    B, x_c = len(resid_BD), code.fast.x_BD
+    dead_idx = dead_M.nonzero().squeeze(1)
+    if code.fast.estimated:
+        # pre_BM is a bf16 estimate: the dead columns' exact c, a matmul over them, costs less than
+        # exact_pairs would, its candidates being most of them
+        with torch.no_grad():
+            n_N = code.n_M[dead_idx]
+            c_BN = torch.addmm(sae.b_enc[dead_idx] * n_N, x_c, (sae.W_enc[dead_idx] * n_N[:, None]).T)
+    else:
+        c_BN = code.c_BM.detach()[:, dead_idx]
+    c, cols = row_topk(c_BN, k_aux)
+    rows, cols = torch.arange(B, device=cols.device).repeat_interleave(k_aux), dead_idx[cols.flatten()]
+    vals = F.relu(h_at(sae, x_c, code.fast.h_BM, code.n_M, rows, cols, c.flatten()))
+    e_hat = SparseDecode.apply(vals, sae.W_dec, rows, cols, B)
+    return (resid_BD.detach() - e_hat).pow(2).sum(-1).mean()
+
+
+def sparse_decode(sae: SAE, code: Code) -> torch.Tensor:
+    """f W_dec of a sparse code, b_dec not added."""
+    bags = code.fast.bags if code.fast is not None else None
+    return SparseDecode.apply(code.vals, sae.W_dec, code.rows, code.cols, len(code.pre_BM), bags)
 
 
 def row_blocks(*ts: torch.Tensor):
@@ -88,22 +507,19 @@ def row_blocks(*ts: torch.Tensor):
 
 
 class JumpReLU(torch.autograd.Function):
-    """f = a / n, a = c * H(c - theta), c = h * n: JumpReLU on the contribution. Its straight-through
-    estimator (Rajamanoharan et al. 2024, "Jumping Ahead"), a rectangle of width eps, gives
-    dL/dtheta_i = sum_batch dL/da * (-theta_i / eps) * 1[|c - theta_i| < eps/2 and c > 0],
-    and dL/dh = dL/df * H(c - theta). Since n > 0, all of it can be written on h with per-latent
-    bounds (H(c - theta) = H(h - theta/n)), so no (B, m) tensor of contributions is ever built
-    (jumprelu step 0.54x -> 0.77x the dense TopK reference step, fp32, 2 CPU cores, d=768, 8x).
-    h is (B, m) with n, theta (m,), or a vector of selected pairs with their n, theta gathered.
+    """f = a / n, a = c * H(c - theta), c = h * n: PlainJumpReLU on the contribution, with the same
+    straight-through estimator: dL/dtheta_i = sum_batch dL/da * (-theta_i / eps) * 1[|c - theta_i|
+    < eps/2 and c > 0], and dL/dh = dL/df * H(c - theta). Since n > 0, all of it can be written on h
+    with per-latent bounds (H(c - theta) = H(h - theta/n)), so no (B, m) tensor of contributions is
+    ever built. h is (B, m) with n, theta (m,), or a vector of selected pairs with their n, theta
+    gathered.
 
     With tanh_c, it also returns the tanh penalty P = sum tanh(tanh_c * f * n) (else None), and
     the backward adds P's gradient to dL/df itself. On CPU a (B, m) h goes through both passes a
     block of rows at a time (row_blocks), in fp32 at least (bound): a block's dozen elementwise
-    ops run in the core's L2 cache, where each op on the whole (B, m) was a trip to memory, and
-    only h is kept for the backward. JumpReLU and its penalty, forward and backward, d=768, batch
-    4096, 2 CPU cores: fp32 1.36x at 8x, 1.34x at 32x; bf16 0.99x, 1.11x. The fresh jumprelu
-    step (fp32): 1.06-1.08x at 8x, 1.10x at 32x. Masks are 1.0 / 0.0 floats: a bool mask makes
-    each op 2-8x slower.
+    ops run in the core's L2 cache, where each op on the whole (B, m) would be a trip to memory,
+    and only h is kept for the backward. Masks are 1.0 / 0.0 floats: a bool mask makes each op
+    several times slower.
     """
 
     @staticmethod
@@ -172,8 +588,7 @@ class JumpReLU(torch.autograd.Function):
 def latent_bags(on: torch.Tensor, cols: torch.Tensor, M: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The pairs where `on`, ordered by latent, and where each latent's run starts. Pairs off (f = 0,
     as JumpReLU's window below the threshold) get no weight gradient. The encoder's and decoder's
-    share one, made in the forward (a sort fewer: fp32 steps at 8x, topk 1.04-1.09x, batchtopk
-    1.01-1.06x, jumprelu at L0 = k 1.02-1.04x)."""
+    backward share one, made in the forward: one sort per step instead of two."""
     keep = on.nonzero().squeeze(1)
     order = keep[torch.argsort(cols[keep])]
     return order, torch.searchsorted(cols[order], torch.arange(M, device=cols.device))
@@ -182,8 +597,7 @@ def latent_bags(on: torch.Tensor, cols: torch.Tensor, M: int) -> tuple[torch.Ten
 def sum_per_latent(x_BD: torch.Tensor, w, rows, cols, M: int, bags=None) -> torch.Tensor:
     """(M, d): row c = sum of w_j x[rows_j] over the pairs j of latent c (cols_j = c), the weight
     gradient of a sparse encode or decode, as one embedding_bag over the pairs sorted by latent, not
-    autograd's scatter into a zero (M, d) matrix (topk step, fp32: 1.17x at 8x and 32x; 1.10x more at
-    32x for the decoder's)."""
+    autograd's scatter into a zero (M, d) matrix, which reads and writes all of it."""
     order, starts = bags or latent_bags(w != 0, cols, M)
     return F.embedding_bag(rows[order], x_BD, starts, mode="sum", per_sample_weights=w[order].to(x_BD.dtype))
 
@@ -196,10 +610,11 @@ def pair_dots(x_BD: torch.Tensor, W_MD: torch.Tensor, rows: torch.Tensor, cols: 
 
 
 class SparseEncode(torch.autograd.Function):
-    """h_j = h[rows_j, cols_j] at selected (token, latent) pairs, h = xc W_enc + b_enc with xc the
+    """h_j = h[rows_j, cols_j] at selected (token, latent) pairs, h = xc W_enc^T + b_enc with xc the
     centred x (x - b_dec; x for a transcoder, with no b_dec), from values computed without autograd.
     b_dec is an input for its gradient only. The backward touches only the selected latents (as
-    EleutherAI's sparsify), not a dense (d, B) x (B, m) matmul."""
+    EleutherAI's sparsify), not a dense (d, B) x (B, m) matmul; W_enc's gradient comes out
+    (m, d_in) and contiguous, as W_enc is stored."""
 
     @staticmethod
     def forward(ctx, xc_BD, W_enc, b_enc, b_dec, h_sel, rows, cols, bags=None):
@@ -210,14 +625,14 @@ class SparseEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         xc_BD, W_enc, rows, cols = ctx.saved_tensors
-        g_b_enc = g.new_zeros(W_enc.shape[1], dtype=torch.float32).index_add_(0, cols, g.float())
-        g_W = sum_per_latent(xc_BD, g, rows, cols, W_enc.shape[1], ctx.bags).T
+        g_b_enc = g.new_zeros(len(W_enc), dtype=torch.float32).index_add_(0, cols, g.float())
+        g_W = sum_per_latent(xc_BD, g, rows, cols, len(W_enc), ctx.bags)
         # b_dec's gradient is a matvec (no (d, m) outer product)
-        g_b_dec = -(W_enc @ g_b_enc.to(W_enc.dtype)) if ctx.needs_input_grad[3] else None
+        g_b_dec = -(W_enc.T @ g_b_enc.to(W_enc.dtype)) if ctx.needs_input_grad[3] else None
         g_x = None
-        if ctx.needs_input_grad[0]:             # dL/dx[b] = sum over b's pairs of g_j W_enc[:, c_j]
+        if ctx.needs_input_grad[0]:             # dL/dx[b] = sum over b's pairs of g_j W_enc[c_j]
             offsets = torch.searchsorted(rows, torch.arange(len(xc_BD), device=rows.device))
-            g_x = F.embedding_bag(cols, W_enc.T, offsets, mode="sum", per_sample_weights=g.to(W_enc.dtype))
+            g_x = F.embedding_bag(cols, W_enc, offsets, mode="sum", per_sample_weights=g.to(W_enc.dtype))
         return g_x, g_W.to(W_enc.dtype), g_b_enc.to(W_enc.dtype), g_b_dec, None, None, None, None
 
 
@@ -267,12 +682,10 @@ def largest_pairs(c_BM: torch.Tensor, n: int, g_max: torch.Tensor | None = None)
     A topk over all B*m values is slow on CPU. Instead a t that ~1.25 n values reach, estimated
     from every 61st value; a small topk trims the values that reach it to n (exact: t is lowered
     until n values reach it). They are looked for only in the groups of columns whose maximum
-    reaches t (group_max). 2 CPU cores: (1024, 4608) 17 -> 12 ms, (4096, 6144) 102 -> 72 ms,
-    (4096, 24576) 300 -> 133 ms, against a topk over all values' ~6x that."""
+    reaches t (group_max), so most of c_BM is read once, by group_max."""
     B, M = c_BM.shape
     if c_BM.device.type != "cpu" and B * M <= 2 ** 25:
-        # On a GPU one topk over all values wins at (4096, 6144), H200: 1.0 -> 0.5-0.7 ms; at 32x
-        # (100M values) it loses, 1.2-1.3 -> 1.3-2.2 ms.
+        # On a GPU one topk over all values wins while they are few; over ~30M it loses.
         c, at = c_BM.view(-1).topk(n, sorted=False)
         at, order = at.sort()
         return at // M, at % M, c[order]
@@ -292,8 +705,7 @@ def row_topk(c_BM: torch.Tensor, k: int, g_max: torch.Tensor | None = None):
     """(values, indices) of each row's k largest, as c_BM.topk(k, dim=-1, sorted=False). On CPU, topk
     walks every value. But a row's k largest lie in the k groups of columns with the largest maxima
     (k larger values stand before any other group), so: the maxima of the groups of 8 columns
-    (group_max), the k best groups by the same rule, and a topk over their 8k values. 2 CPU
-    cores, k = 64: (B, m) = (1024, 4608) 17 -> 8 ms, (4096, 24576) 208 -> 88 ms."""
+    (group_max), the k best groups by the same rule, and a topk over their 8k values."""
     B, M = c_BM.shape
     if c_BM.device.type != "cpu" or M < 16 * k or M % 8:
         return c_BM.topk(k, dim=-1, sorted=False)
@@ -305,25 +717,25 @@ def row_topk(c_BM: torch.Tensor, k: int, g_max: torch.Tensor | None = None):
 
 
 def estimate_c(x_BD: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, n_M: torch.Tensor):
-    """c = x (W_enc n) + b_enc n from one bf16 matmul, and err_B (B,): |c - estimate| <= err_B + REL
+    """c = x (W_enc n)^T + b_enc n from one bf16 matmul, and err_B (B,): |c - estimate| <= err_B + REL
     |estimate|. With x = x' + dx, w = w' + dw (' rounded to bf16), x.w - x'.w' = x'.dw + dx.w is at
     most ||x'|| ||dw|| + ||dx|| ||w|| (Cauchy-Schwarz), and so for the bias; fp32 accumulation adds
     at most d 2^-24 ||x'|| ||w'||, the one rounding of the output 2^-8 |c|. x is centred (x - b_dec):
     the massive activations of a few dimensions of the residual stream, which b_dec takes out, would
-    swell ||x|| and the bound with it (1.4x fewer candidates centred)."""
-    Wn_DM, b_M = W_enc * n_M, b_enc * n_M
+    swell ||x|| and the bound with it, and so the number of candidates exact_pairs must check."""
+    Wn_MD, b_M = W_enc * n_M[:, None], b_enc * n_M
     (B, D), M = x_BD.shape, len(b_M)
-    # b_enc n rides in the matmul, a row of W against a column of ones in x (K padded to a multiple of
-    # 32): no separate pass to add it (1.02-1.13x at 32x)
+    # b_enc n rides in the matmul, a column of W against a column of ones in x (K padded to a
+    # multiple of 32): no separate pass over the (B, m) output to add it
     x_BK = x_BD.new_zeros(B, D + 32, dtype=torch.bfloat16)
     W_MK = x_BD.new_zeros(M, D + 32, dtype=torch.bfloat16)
-    x_BK[:, :D], x_BK[:, D], W_MK[:, :D], W_MK[:, D] = x_BD, 1, Wn_DM.T, b_M
+    x_BK[:, :D], x_BK[:, D], W_MK[:, :D], W_MK[:, D] = x_BD, 1, Wn_MD, b_M
     c_BM = x_BK @ W_MK.T
-    x_b, W_b, b_b = x_BK[:, :D], W_MK[:, :D].T, W_MK[:, D]
+    x_b, W_b, b_b = x_BK[:, :D], W_MK[:, :D], W_MK[:, D]
     norm = torch.linalg.vector_norm
     x_B, dx_B = norm(x_BD, dim=1), norm(x_BD - x_b, dim=1)
-    w, dw = norm(Wn_DM, dim=0).max(), norm(Wn_DM - W_b, dim=0).max()
-    err_B = (x_B + dx_B) * (dw + len(Wn_DM) * 2 ** -24 * w) + dx_B * w + (b_M - b_b).abs().max()
+    w, dw = norm(Wn_MD, dim=1).max(), norm(Wn_MD - W_b, dim=1).max()
+    err_B = (x_B + dx_B) * (dw + D * 2 ** -24 * w) + dx_B * w + (b_M - b_b).abs().max()
     return c_BM, err_B * 1.01
 
 
@@ -338,7 +750,7 @@ def exact_pairs(c_BM, g_max, rows, cols, err_B, exact_c, k: int | None = None):
     short of L cannot be among them; every other pair gets its exact c too, and the selection is
     made again among those candidates (~1.5 per selected pair). L from exact values, not from the
     estimate's bounds, halves the window, and one token's large error (a massive activation) no
-    longer widens every token's (batchtopk at 32x: 5,620 candidates per token in one batch)."""
+    longer widens every token's."""
     B, M = c_BM.shape
     c = exact_c(rows, cols)
     L_B = c.view(B, k).amin(1) if k else c.min().expand(B)
@@ -360,297 +772,3 @@ def exact_pairs(c_BM, g_max, rows, cols, err_B, exact_c, k: int | None = None):
     c, j = c_BN.topk(k, dim=1, sorted=False)
     at = (starts[:, None] + j).flatten()
     return rows[at], cols[at], c.flatten()
-
-
-# fp32 topk and batchtopk on a CPU with bf16 matrix units (AMX: bf16 matmuls 2.6-10x fp32's here)
-# select on estimate_c's bf16 c, then exact_pairs, where m >= this. 2 CPU cores, d=768, batch 4096,
-# the step: 32x topk 1.19x, batchtopk 1.46x; 16x 1.05-1.19x; 8x 0.86-1.08x, so not there.
-ESTIMATE_FROM = 12288 if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else math.inf
-
-
-# relu / jumprelu take the sparse code when at most this share of (token, latent) pairs fire (a
-# window pair below JumpReLU's threshold counts half); topk / batchtopk wherever there is an entry.
-# Crossovers measured at d=768, batch 4096: 2 CPU cores ~9% fp32, ~4.5% bf16 and fp16 (~7% / 2.5%
-# at d=576, batch 1024); H200 fp32 ~0.5% (relu at L0 96: sparse 0.88x the dense step at 8x, 1.81x
-# at 32x; topk 1.07x, 1.86x). H200 bf16: dense (the sparse steps ran 0.5-0.9x), so no entry.
-SPARSE_BELOW = {("cpu", torch.float32): 0.07, ("cpu", torch.bfloat16): 0.03, ("cpu", torch.float16): 0.04,
-                ("cuda", torch.float32): 0.005}
-
-
-class SAE(nn.Module):
-    def __init__(self, d_in: int, d_sae: int, act_fn: ActFn = "topk", top_k: int = 64,
-                 d_out: int | None = None, transcoder: bool = False,
-                 jumprelu_threshold_window: float = 0.1, jumprelu_init_threshold: float = 0.1,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        super().__init__()
-        if act_fn not in get_args(ActFn):
-            raise ValueError(f"unknown act_fn {act_fn!r}: use relu, jumprelu, topk or batchtopk")
-        d_out = d_out or d_in
-        self.d_in, self.d_sae, self.d_out = d_in, d_sae, d_out
-        self.act_fn, self.top_k, self.transcoder = act_fn, top_k, transcoder
-        self.jumprelu_threshold_window = jumprelu_threshold_window
-        self.jumprelu_init_threshold = jumprelu_init_threshold
-        kw = dict(dtype=dtype, device=device)
-        # Random decoder directions; the encoder starts as the decoder's transpose.
-        W_dec = torch.randn(d_sae, d_out, **kw)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec)                                          # (m, d_out)
-        # W_enc (d_in, m) is column-major: its sparse gradient is built a latent (a row of W_enc.T) at a time
-        self.W_enc = nn.Parameter(W_dec.T.clone() if d_in == d_out
-                                  else (torch.randn(d_sae, d_in, **kw) / d_in ** 0.5).T)
-        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
-        self.b_dec = nn.Parameter(torch.zeros(d_out, **kw))
-        # JumpReLU thresholds live in fp32 whatever the SAE's dtype: exp() of a bf16 log is coarse.
-        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(jumprelu_init_threshold),
-                                                     dtype=torch.float32, device=device))
-        # BatchTopK's running threshold: the smallest contribution it kept, averaged over batches.
-        self.register_buffer("threshold", torch.tensor(-1.0, device=device))
-
-    def config(self) -> dict:
-        """The constructor arguments that rebuild this SAE (saved as config.json)."""
-        names = inspect.signature(SAE.__init__).parameters
-        return {k: getattr(self, k) for k in names if k not in ("self", "dtype", "device")}
-
-    # ---------------------------------------------------------------------------------------
-    # forward
-
-    def encode(self, x_BD: torch.Tensor, k: int | None = None) -> Code:
-        k = self.top_k if k is None else k
-        if self.act_fn in ("topk", "batchtopk") and not 1 <= k <= self.d_sae:
-            raise ValueError(f"k = {k}: {self.act_fn} takes 1 <= k <= d_sae = {self.d_sae}")
-        n_M = self.W_dec.norm(dim=1)
-        # h = (x - b_dec) W_enc + b_enc with x centred on a detached b_dec, and b_dec's gradient through
-        # the bias, whose value is b_enc: (b_dec - b_dec.detach()) W_enc is a (d,) x (d, m) product, where
-        # autograd through x - b_dec would need a (B, m) x (m, d) matmul in the backward. Centred, not
-        # x W_enc + (b_enc - b_dec W_enc): under bf16 autocast the large dimensions that b_dec takes out
-        # would swell the rounding error of h several times.
-        b_dec = None if self.transcoder else self.b_dec
-        x_c = x_BD if b_dec is None else x_BD - b_dec.detach().to(x_BD.dtype)
-        bias_M = self.b_enc if b_dec is None else self.b_enc - (b_dec - b_dec.detach()) @ self.W_enc
-        B, M, dev = len(x_BD), self.d_sae, x_BD.device.type
-        mm = (dev, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_BD.dtype)
-        share = SPARSE_BELOW.get(mm, 0)                         # by device and matmul dtype
-
-        # relu, jumprelu: since n > 0, relu(h n) / n = relu(h) and JumpReLU's H(h n - theta) =
-        # H(h - theta / n): the code comes from h directly. Two fewer (B, m) passes forward and
-        # four backward than building c = h * n (relu step 0.75x -> 1.01x the dense TopK reference
-        # step in fp32 and 0.73x -> 2.4x under bf16 autocast, 2 CPU cores, d=768, 8x).
-        if self.act_fn in ("relu", "jumprelu"):
-            h_BM = torch.addmm(bias_M, x_c, self.W_enc)
-            theta_M, eps = self.log_threshold.exp(), self.jumprelu_threshold_window
-            jump = self.act_fn == "jumprelu"
-            with torch.no_grad():   # pairs that can get a gradient: h > 0, or c in JumpReLU's window
-                lo_M = ((theta_M - eps / 2) / n_M).clamp(min=0) if jump else torch.zeros_like(n_M)
-                on_M = theta_M / n_M if jump else lo_M                       # and those that fire
-            if share:   # which path is faster, from ~64 of the tokens: the sparse one pays about half
-                # as much for a window pair below the threshold (f = 0, only dL/df) as for one that fires.
-                # Whole rows, not every 61st pair with its bounds gathered: 8.7 -> 1.7 ms at (4096, 6144),
-                # 32 -> 3.8 ms at (4096, 24576), on 2 CPU cores.
-                h_s = h_BM.detach()[::max(1, B // 64)]
-                cost = ((h_s > lo_M.to(h_s.dtype)).sum() + (h_s > on_M.to(h_s.dtype)).sum()) / (2 * h_s.numel())
-            if not share or cost > share:
-                if self.act_fn == "relu":
-                    return Code(F.relu(h_BM), None, None, None, h_BM, n_M)
-                # the tanh penalty comes with f, for training (sparsity_loss)
-                f_BM, P = JumpReLU.apply(h_BM, n_M, theta_M, eps, TANH_C if torch.is_grad_enabled() else None)
-                return Code(f_BM, None, None, None, h_BM, n_M, tanh_sum=P)
-            # Once trained, ~k latents per token fire: the sparse code and backward of topk (exact; at
-            # L0 = 64, jumprelu 0.80x -> 2.2x and relu 1.1x -> 2.6x the dense reference, fp32, d=768, 8x).
-            rows, cols = (h_BM.detach() > lo_M.to(h_BM.dtype)).nonzero(as_tuple=True)
-            h_sel = h_BM.detach()[rows, cols]
-            bags = latent_bags(h_sel > on_M[cols].to(h_sel.dtype), cols, M)     # as JumpReLU / relu fire
-            h_sel = SparseEncode.apply(x_c, self.W_enc, self.b_enc, b_dec, h_sel, rows, cols, bags)
-            vals = JumpReLU.apply(h_sel, n_M[cols], theta_M[cols], eps)[0] if jump else F.relu(h_sel)
-            return Code(None, vals, rows, cols, h_BM, n_M, bags=bags)
-        # topk / batchtopk: select without autograd, then the gradient of the selected latents only
-        # (SparseEncode). c = x (W_enc n) + bias n saves a (B, m) pass (1.84x -> 2.25x the dense
-        # reference, fp32, 8x). No SPARSE_BELOW entry (GPU bf16): dense (H200 8x: 1.03x; sparse 0.68x).
-        @torch.no_grad()
-        def exact_c(rows, cols):   # c at pairs (rows sorted): rows of x . columns of W_enc, + bias, * n
-            return (pair_dots(x_c, self.W_enc.T, rows, cols) + bias_M[cols]) * n_M[cols]
-
-        @torch.no_grad()
-        def exact_cols(cols):      # c of all tokens at these latents, an fp32 matmul
-            return torch.addmm(bias_M[cols] * n_M[cols], x_c, self.W_enc[:, cols] * n_M[cols])
-
-        estimate = False
-        if dense := not share:
-            h_BM = torch.addmm(bias_M, x_c, self.W_enc)
-            c_BM = h_BM.detach() * n_M.to(h_BM.dtype)
-        else:
-            with torch.no_grad():
-                if mm == ("cpu", torch.float32) and M >= ESTIMATE_FROM:
-                    c_BM, err_B = estimate_c(x_c, self.W_enc, self.b_enc, n_M)
-                    estimate = True
-                else:
-                    c_BM = torch.addmm(bias_M * n_M, x_c, self.W_enc * n_M)
-
-        # h = c / n at pairs, with the gradient; a selection hands on its c (no 2nd gather: 1.04-1.07x).
-        # Dense: a gather at flat indices; its backward is a scatter-add, where h_BM[rows, cols]'s (an
-        # accumulating index_put) sorts the pairs on CUDA. With the scatter below: batchtopk under bf16,
-        # H200, 1.06x at 8x.
-        def h_at(rows, cols, c=None, bags=None):
-            if dense:
-                return h_BM.view(-1).gather(0, rows * M + cols)
-            c = c if c is not None else exact_c(rows, cols) if estimate else c_BM[rows, cols]
-            return SparseEncode.apply(x_c, self.W_enc, self.b_enc, b_dec, c / n_M[cols], rows, cols, bags)
-        g_max = group_max(c_BM) if estimate else None      # computed once for both selections
-        if self.act_fn == "topk":
-            c_Bk, idx_Bk = row_topk(c_BM, k, g_max)
-            if dense:                          # along rows: 1.15x over (rows, cols) pairs (H200, 8x)
-                f_BM = torch.zeros_like(h_BM).scatter(1, idx_Bk, F.relu(h_BM.gather(1, idx_Bk)))
-                return Code(f_BM, None, None, None, c_BM, n_M, pre_is_c=True, select=h_at)
-            rows = torch.arange(B, device=c_BM.device).repeat_interleave(k)
-            cols, c = idx_Bk.flatten(), c_Bk.flatten()
-        else:   # the k*B largest of the batch (Bussmann et al. 2024); under torchrun, the rank's batch
-            rows, cols, c = largest_pairs(c_BM, k * B, g_max)
-        if estimate:
-            rows, cols, c = exact_pairs(c_BM, g_max, rows, cols, err_B, exact_c, k if self.act_fn == "topk" else None)
-        bags = None if dense else latent_bags(c > 0, cols, M)
-        vals = F.relu(h_at(rows, cols, c, bags))     # f = relu(c) / n = relu(h)
-        if self.act_fn == "batchtopk" and self.training:
-            self.update_threshold_(torch.where(vals > 0, c, torch.inf).min())
-        f_BM = torch.zeros_like(h_BM).view(-1).scatter(0, rows * M + cols, vals).view(B, M) if dense else None
-        return Code(f_BM, vals, rows, cols, c_BM, n_M, pre_is_c=True, select=h_at, bags=bags,
-                    exact_cols=exact_cols if estimate else None)
-
-    def decode(self, code: Code | torch.Tensor) -> torch.Tensor:
-        """y_hat from a Code (encode's), or from latent activations f (..., d_sae): edited ones, say."""
-        if isinstance(code, torch.Tensor):
-            return code.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
-        if code.f_BM is not None:
-            return code.f_BM @ self.W_dec + self.b_dec
-        B = len(code.pre_BM)
-        return SparseDecode.apply(code.vals, self.W_dec, code.rows, code.cols, B, code.bags) + self.b_dec
-
-    def forward(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, Code]:
-        """y_hat, shaped as x (..., d_in) but with d_out, and the Code of its tokens (tokens, d_sae).
-        x is cast to the SAE's dtype; k (topk, batchtopk) defaults to top_k."""
-        if x.shape[-1:] != (self.d_in,):
-            raise ValueError(f"x is {tuple(x.shape)}: the SAE takes (..., d_in = {self.d_in}) activations")
-        code = self.encode(x.reshape(-1, self.d_in).to(self.W_enc.dtype), k)
-        return self.decode(code).view(*x.shape[:-1], self.d_out), code
-
-    @torch.no_grad()
-    def update_threshold_(self, t: torch.Tensor, decay: float = 0.95):
-        """Exponential moving average of BatchTopK's smallest kept contribution. A memory of ~20
-        steps follows the SAE as it trains, so the conversion uses the end-of-training value."""
-        t, old = t.float(), self.threshold
-        # No Python branch on a tensor: a device sync every step (batchtopk under bf16, H200: 1.2x
-        # with the topk above). t is inf when nothing fired: the average stays.
-        new = torch.where(old < 0, t, decay * old + (1 - decay) * t)
-        self.threshold.copy_(torch.where(t.isfinite(), new, old))
-
-    # ---------------------------------------------------------------------------------------
-    # losses
-
-    def sparsity_loss(self, code: Code, kind: Literal["l1", "tanh"], c: float = TANH_C):
-        """Per-token penalty on the contributions f_i * n_i: l1 = sum_i f_i n_i,
-        tanh = sum_i tanh(c f_i n_i) (a smooth L0 proxy, Anthropic's April 2024 update)."""
-        B = len(code.pre_BM)
-        if code.f_BM is None:                            # sparse code: the nonzero pairs only
-            a = code.vals * code.n_M[code.cols].to(code.vals.dtype)
-            return (a if kind == "l1" else torch.tanh(c * a)).sum() / B
-        if kind == "tanh" and c == TANH_C and code.tanh_sum is not None:
-            return code.tanh_sum / B
-        n_M = code.n_M.to(code.f_BM.dtype)
-        if kind == "l1":
-            return (code.f_BM @ n_M).mean()              # a matvec: one read of f
-        return torch.tanh(code.f_BM * (c * n_M)).sum() / B          # (c * n: one (B, m) pass fewer)
-
-    def pre_act_loss(self, code: Code):
-        """JumpReLU's pre-activation loss sum_i ReLU(theta_i - h_i) n_i: it pulls latents that sit
-        below their threshold up toward it. Written in contribution space, ReLU(theta_i - c_i),
-        which is the same quantity with the threshold on h being theta_i / n_i."""
-        return F.relu(self.log_threshold.exp() - code.c_BM).sum(-1).mean()
-
-    def auxk_loss(self, code: Code, resid_BD: torch.Tensor, dead_M: torch.Tensor,
-                  k_aux: int = 512) -> torch.Tensor:
-        """AuxK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): the top k_aux dead
-        latents reconstruct the residual e = y - y_hat (detached), mean ||e - e_hat||^2.
-        Only dead latents' encoder columns and decoder rows get a gradient."""
-        if (n_dead := int(dead_M.sum())) == 0:
-            return resid_BD.new_zeros(())
-        k_aux, B = min(k_aux, n_dead), len(resid_BD)
-        dead_idx = dead_M.nonzero().squeeze(1)                 # select among the dead columns only
-        # where c_BM is a bf16 estimate, their exact c: a matmul over the dead columns costs less than
-        # exact_pairs would, its candidates being most of them (the step at 32x, batch 1024, 5% dead:
-        # 1.07x; more early in a run)
-        c_BN = code.c_BM.detach()[:, dead_idx] if code.exact_cols is None else code.exact_cols(dead_idx)
-        c, cols = row_topk(c_BN, k_aux)
-        rows, cols = torch.arange(B, device=cols.device).repeat_interleave(k_aux), dead_idx[cols.flatten()]
-        vals = F.relu(code.select(rows, cols, c.flatten()))    # f = relu(c) / n = relu(h)
-        e_hat = SparseDecode.apply(vals, self.W_dec, rows, cols, B)
-        return (resid_BD.detach() - e_hat).pow(2).sum(-1).mean()
-
-    # ---------------------------------------------------------------------------------------
-    # init, conversion, folding
-
-    @torch.no_grad()
-    def set_decoder_norm_(self, r: float):
-        """Every decoder row to norm r and the encoder to the decoder's transpose again."""
-        self.W_dec.mul_(r / self.W_dec.norm(dim=1, keepdim=True))
-        if self.d_in == self.d_out:
-            self.W_enc.copy_(self.W_dec.T)
-
-    @torch.no_grad()
-    def grid_search_init_norm_(self, x_BD: torch.Tensor, y_BD: torch.Tensor, k: int | None = None,
-                               mean=lambda t: t) -> float:
-        """Pick the decoder-row norm r with the lowest reconstruction MSE on one batch (at the k of
-        the first step): a coarse search over linspace(0.1, 5.0, 50), then a fine one around the best
-        coarse value. mean() turns this batch's MSE into the global batch's (train.py: over ranks)."""
-        def mse(r):
-            self.set_decoder_norm_(r)
-            return mean((self(x_BD, k)[0] - y_BD).pow(2).sum(-1).mean()).item()
-        coarse = min(torch.linspace(0.1, 5.0, 50).tolist(), key=mse)
-        best = min(torch.linspace(coarse - 0.09, coarse + 0.1, 20).tolist(), key=mse)
-        self.set_decoder_norm_(best)
-        return best
-
-    @torch.no_grad()
-    def to_jumprelu_(self) -> "SAE":
-        """BatchTopK -> JumpReLU: every latent's threshold becomes the running batch threshold t,
-        so a token's code no longer depends on its batch-mates."""
-        assert self.act_fn == "batchtopk", "only a BatchTopK SAE converts to JumpReLU"
-        assert self.threshold > 0, "this SAE has no running threshold (was it trained?)"
-        self.log_threshold.fill_(math.log(self.threshold.item()))
-        self.act_fn = "jumprelu"
-        return self
-
-    @torch.no_grad()
-    def fold_scales_(self, s_in: float, s_out: float):
-        """Trained on x * s_in -> y * s_out; make it take raw x and give raw y. Contributions and
-        thresholds scale by 1 / s_out; the code f and so L0 stay the same."""
-        self.W_enc.mul_(s_in)
-        self.W_dec.div_(s_out)
-        self.b_dec.div_(s_out)
-        self.log_threshold.sub_(math.log(s_out))
-        if self.threshold > 0:
-            self.threshold.div_(s_out)
-
-    # ---------------------------------------------------------------------------------------
-    # save / load: config.json + sae.safetensors in one folder
-
-    def save(self, folder: str, extra: dict | None = None):
-        """config.json + sae.safetensors, each written under a temporary name and renamed: a crash
-        mid-save leaves the previous files, never a half-written one."""
-        os.makedirs(folder, exist_ok=True)
-        config, weights = os.path.join(folder, "config.json"), os.path.join(folder, "sae.safetensors")
-        with open(weights + ".tmp", "wb") as f:   # (save_file makes it mode 0600, whatever the umask)
-            f.write(save({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}))
-        with open(config + ".tmp", "w") as f:
-            json.dump({**(extra or {}), "sae": self.config()}, f, indent=2)
-        os.replace(weights + ".tmp", weights)
-        os.replace(config + ".tmp", config)
-
-    @staticmethod
-    def load(folder: str, device: str | torch.device = "cpu") -> "SAE":
-        for name in ("config.json", "sae.safetensors"):
-            if not os.path.exists(os.path.join(folder, name)):
-                raise FileNotFoundError(f"{folder} has no {name}: is it a folder that train.py saved?")
-        with open(os.path.join(folder, "config.json")) as f:
-            cfg = json.load(f)["sae"]
-        state = load_file(os.path.join(folder, "sae.safetensors"), device=str(device))
-        sae = SAE(**cfg, dtype=state["W_enc"].dtype, device=device)
-        sae.load_state_dict(state)
-        return sae.eval()        # for inference: a forward in train mode moves BatchTopK's threshold

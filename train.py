@@ -4,37 +4,39 @@
     python train.py --act-fn batchtopk --top-k 64             # one process (GPU if present, else CPU)
     torchrun --nproc_per_node 8 train.py --act-fn topk        # data parallel, same flags
     python train.py --config my_run.toml --lr 2e-4            # a config file; flags override it
-    python train.py --total-training-tokens 50_000 --eval-tokens 2048    # a CPU smoke run (<1 min)
+    python train.py --total-training-tokens 50_000 --eval-tokens 2048    # a CPU smoke run
     python train.py --resume results/my_run                   # continue from the latest checkpoint
     python train.py --eval-only results/my_run                # evaluate a saved SAE
     python train.py --cache-activations cache/l15             # write the activations once, then
     python train.py --activations cache/l15 --top-k 32        # train from them with no LM forward
 
 The config is one flat dataclass; every field is a flag (--act-fn, --top-k, ...); --help lists them.
+main() reads top to bottom: set up the processes, check the run folder, open the activation stream,
+initialise the SAE, train, save and evaluate.
 """
 import contextlib
-import ctypes
 import dataclasses
 import datetime
 import glob
+import hashlib
 import itertools
 import json
 import math
 import os
-import platform
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Literal, get_args, get_origin
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 import activations as acts
-from sae import SAE
+from sae import SAE, keep_freed_memory
 
 
 # The lowest value of each bounded Config field (None, where allowed, means "unset").
@@ -53,7 +55,8 @@ class Config:
     model: str = acts.EMBEDDED_MODEL
     """LM to hook: the embedded SmolLM2-135M-Instruct (no network needed), or any HF name/path."""
     model_dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
-    """dtype of the LM forward (bf16 is ~4x faster than fp32 on CPU; the SAE trains in --dtype)."""
+    """dtype of the LM forward (bf16 is faster where the device computes it natively; the SAE trains
+    in --dtype)."""
     dataset: str = acts.EMBEDDED_DATASET
     """a folder of .txt/.txt.gz/.jsonl files (default: the bundled Austen novels) or an HF dataset."""
     dataset_split: str = "train"
@@ -224,7 +227,7 @@ class Config:
                 raise ValueError(f"{flag} {folder}: not a folder this process can write to ({at} is "
                                  f"not); give another path")
         for flag, name in (("--dataset", self.dataset), ("--eval-dataset", self.eval_dataset)):
-            if name and _looks_local(name) and not os.path.isdir(acts.local_folder(name)):
+            if name and acts.looks_local(name) and not os.path.isdir(acts.local_folder(name)):
                 raise ValueError(f"{flag} {name} does not exist: give a folder of "
                                  f".txt/.txt.gz/.jsonl files or an HF dataset name (owner/name)")
 
@@ -239,11 +242,16 @@ class Config:
         return self.model_batch_contexts or gpu
 
 
-def _looks_local(name: str) -> bool:
-    """A path, not an HF name (owner/name): it exists, starts like a path, has two slashes, or its
-    first part is a local folder (e.g. a typo in data/austn)."""
-    return (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
-            or ("/" in name and os.path.isdir(name.split("/")[0])))
+# Penalty coefficients that give L0 ~ 64 at the defaults on the embedded model (normalized space).
+DEFAULT_SPARSITY_COEFFICIENT = {"l1": 2.0, "tanh": 0.5}
+# What a cache was made from; a run trains from it only with the same (the held-out text above all).
+CACHE_KEYS = ("model", "model_dtype", "hook_point_in", "dataset", "dataset_split", "text_column",
+              "context_size", "eval_tokens", "eval_dataset", "ignore_token_ids", "max_norm_ratio")
+NOT_SAVED = ("config", "resume", "eval_only", "cache_activations")      # actions, not part of a run
+
+
+# -------------------------------------------------------------------------------------------------
+# schedules
 
 
 def steps_of(x: float, total_steps: int) -> int:
@@ -280,13 +288,8 @@ def lr_at(step: int, cfg: Config, total_steps: int) -> float:
     return cfg.lr
 
 
-def rank_mean(t: torch.Tensor) -> torch.Tensor:
-    """t averaged over the processes (every rank's batch has the same size); t alone without them."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
+# -------------------------------------------------------------------------------------------------
+# small helpers: ranks, printing, files, signals
 
 
 def print0(*args, **kwargs):
@@ -294,35 +297,62 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def rank_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over the processes; t itself without them."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def rank_mean(t: torch.Tensor) -> torch.Tensor:
+    """t averaged over the processes (every rank's batch has the same size)."""
+    return rank_sum(t) / (dist.get_world_size() if dist.is_initialized() else 1)
+
+
+def write_json(obj: dict, path: str):
+    acts.write_atomic(path, json.dumps(obj, indent=2))
+
+
 @contextlib.contextmanager
-def signals_interrupt():
-    """SIGTERM, like SIGINT, raises KeyboardInterrupt within the block (the training loop's own
-    handlers only note a signal, at the end of its step)."""
-    old = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+def caught_signals(stop: threading.Event | None = None):
+    """SIGTERM and SIGINT within the block. With an Event they set it, and the training loop
+    checkpoints and stops at the end of its step; without one they raise KeyboardInterrupt at once
+    (an evaluation: a scheduler's kill follows its SIGTERM, and the checkpoint must come first)."""
+    def handler(sig, frame):
+        if stop is None:
+            raise KeyboardInterrupt
+        stop.set()
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
-def keep_freed_memory():
-    """glibc gives every freed block over 32 MB back to the OS, so on CPU each (B, m) tensor of a
-    large batch faults its pages in anew: ~25 ms per 100 MB on 2 cores, as long as the op that
-    fills it. Keep freed blocks in the heap for the next step instead, as a caching allocator
-    would. d=768, batch 4096, 2 CPU cores: jumprelu at L0 ~ m/2 1.4x faster at 8x and 32x,
-    batchtopk 1.15x at 32x, the dense reference 1.15-1.4x; 200 steps of jumprelu at 8x from the
-    cache 1.25x. The cost: memory is not given back, and the heap's fragmentation about doubles
-    the resident memory (that run: 2.1 -> 4.1 GB, flat after step 80)."""
-    if platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-4, 0)                 # M_MMAP_MAX: no block gets a mapping of its own
-        libc.mallopt(-1, -1)                # M_TRIM_THRESHOLD -1: the heap never shrinks
+def code_version() -> dict:
+    """The code a run ran, so that a forked, edited run can be traced: a hash of the three files,
+    and where they are in git, the commit and whether the work tree differed from it."""
+    here, digest = os.path.dirname(os.path.abspath(__file__)), hashlib.sha256()
+    for name in ("activations.py", "sae.py", "train.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(f.read())
+    code = {"files_sha256": digest.hexdigest()}
+    git = ["git", "-C", here, "-c", "safe.directory=*"]
+    try:
+        run = [subprocess.run(git + args, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+               for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])]
+        code.update(git_commit=run[0], git_dirty=bool(run[1]))
+    except (OSError, subprocess.SubprocessError):                  # no git, or not a repository
+        pass
+    return code
 
 
 # -------------------------------------------------------------------------------------------------
-# checkpoints: one torch.save file per checkpoint, written under a temporary name and renamed,
-# so a crash mid-save never leaves a broken "latest"
+# checkpoints: one torch.save file per checkpoint, written atomically, so a crash mid-save never
+# leaves a broken "latest"
 
 
 def load_checkpoint(path: str) -> dict:
@@ -343,9 +373,7 @@ def load_checkpoint(path: str) -> dict:
 
 def save_checkpoint(folder: str, ckpt: dict, keep: int):
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"step_{ckpt['step']:09d}.pt")
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    acts.write_atomic(os.path.join(folder, f"step_{ckpt['step']:09d}.pt"), lambda f: torch.save(ckpt, f))
     for old in sorted(glob.glob(os.path.join(glob.escape(folder), "step_*.pt")))[:-keep]:
         os.remove(old)
 
@@ -354,77 +382,17 @@ def save_checkpoint(folder: str, ckpt: dict, keep: int):
 # evaluation on held-out contexts
 
 
-TYPICAL_NORM_RATIO = 10.0      # eval's explained_variance_typical leaves out ||y|| > 10x the median
-
-
-@torch.no_grad()
 def evaluate(saes: SAE | list[SAE], model, cfg: Config, drop_ids: torch.Tensor,
              device: str) -> dict | list[dict]:
-    """A raw-space SAE on the held-out contexts (the first eval_tokens of the data, never trained
-    on): explained variance (sums, about the mean), L0, dead / ultra-rare latents, and the LM's
-    next-token loss with the activation at hook_point_out replaced by the reconstruction, against
-    the clean loss and zero-ablation (SPEC, "Metrics"). BOS/EOS/pad positions stay clean. A list
-    of SAEs (BatchTopK and its JumpReLU conversion) gives a list of results and shares the clean
-    and zero-ablated forwards: 4 LM forwards per batch for the two, not 6 (8k tokens on 2 CPU
-    cores, two rounds: 35, 32 s -> 25, 24 s)."""
-    one = isinstance(saes, SAE)
-    saes = [saes] if one else saes
-    for sae in saes:
-        sae.eval()
-    if device == "cpu":     # the LM's logits, ~200 MB a forward, are not faulted in anew each time
+    """acts.evaluate on this run's held-out contexts (the first eval_tokens of the data, never
+    trained on, or of --eval-dataset). A list of SAEs gives a list of results."""
+    if device == "cpu":     # the LM's logits are large: their pages are not faulted in anew each time
         keep_freed_memory()
-    hooks = sorted({cfg.hook_point_in, cfg.hook_out})
-    held_out = cfg.eval_tokens // cfg.context_size
-    contexts = [c for _, c in acts.iter_contexts(_texts(cfg, cfg.eval_dataset), model.tokenizer,
-                                                 cfg.context_size, held_out=held_out, eval=True)]
-    # Per SAE: EV sums (tokens, squared error, sum of y, sum of ||y||^2) over every kept token and
-    # over the typical ones (||y|| <= TYPICAL_NORM_RATIO x the batch median: no massive activations;
-    # y, the target: a transcoder's input may be a LayerNorm's output, of one norm at every token),
-    # active pairs, firing counts, and next_token_sums (clean, SAE, zero-ablated, KL).
-    acc = [{"ev": {"": [0, 0.0, 0.0, 0.0], "_typical": [0, 0.0, 0.0, 0.0]}, "nnz": 0,
-            "fired": torch.zeros(sae.d_sae, device=device),
-            "loss": torch.zeros(4, dtype=torch.float64, device=device)} for sae in saes]
-    per_batch, n_pred = cfg.lm_batch(device), 0
-    for i in range(0, len(contexts), per_batch):
-        tokens = torch.stack(contexts[i:i + per_batch]).to(device)
-        keep = ~torch.isin(tokens, drop_ids.to(device))
-        logits, cache = model.run_with_cache(tokens, names_filter=hooks)
-        x, y = acts.token_vectors(cache, cfg.hook_point_in), acts.token_vectors(cache, cfg.hook_out)
-        if cfg.max_norm_ratio is not None:      # outlier positions are left out, as in training
-            keep[keep.clone()] = acts.within_norm_ratio(x[keep], cfg.max_norm_ratio)
-        x, y = x[keep], y[keep].float()
-        typical = acts.within_norm_ratio(y, TYPICAL_NORM_RATIO)
-        # the LM zero-ablated, and with each reconstruction spliced in, at the same positions
-        new = torch.zeros(*tokens.shape, y.shape[1], device=device)
-        lg_zero = acts.spliced_logits(model, tokens, cfg.hook_out, new, keep)
-        for sae, a in zip(saes, acc):
-            y_hat, code = sae(x.to(sae.W_enc.dtype))
-            y_hat = y_hat.float()
-            for key, sel in (("", slice(None)), ("_typical", typical)):
-                s, y_s = a["ev"][key], y[sel]
-                s[0] += len(y_s)
-                s[1] += (y_hat[sel] - y_s).pow(2).sum().item()
-                s[2] += y_s.sum(0)
-                s[3] += y_s.pow(2).sum().item()
-            a["nnz"] += code.nnz_per_token().sum().item()
-            a["fired"] += code.fired(sae.d_sae)
-            new[keep] = y_hat
-            lg_sae = acts.spliced_logits(model, tokens, cfg.hook_out, new, keep)
-            a["loss"] += acts.next_token_sums(tokens, logits, lg_sae, lg_zero)
-        n_pred += tokens[:, 1:].numel()
-    results = []
-    for a in acc:
-        l_clean, l_sae, l_zero, kl = (a["loss"] / n_pred).tolist()
-        n, err = a["ev"][""][:2]
-        ev = {f"explained_variance{key}": 1 - e / (y2 - (y_sum.pow(2).sum() / m).item())
-              for key, (m, e, y_sum, y2) in a["ev"].items()}
-        results.append({**ev, "l0": a["nnz"] / n, "mse": err / n,
-                        "dead": (a["fired"] == 0).float().mean().item(),
-                        "ultra_rare": (a["fired"] / n < 1e-5).float().mean().item(),
-                        "ce_loss_clean": l_clean, "ce_loss_sae": l_sae, "ce_loss_zero": l_zero,
-                        "ce_loss_recovered": (l_zero - l_sae) / (l_zero - l_clean),
-                        "delta_lm_loss": l_sae - l_clean, "kl_clean_sae": kl, "tokens": n, "predicted_tokens": n_pred})
-    return results[0] if one else results
+    contexts = [c for _, c in acts.iter_contexts(_texts(cfg, cfg.eval_dataset), model.tokenizer, cfg.context_size,
+                                                 held_out=cfg.eval_tokens // cfg.context_size, eval=True)]
+    results = acts.evaluate([saes] if isinstance(saes, SAE) else saes, model, contexts, cfg.hook_point_in,
+                            cfg.hook_out, drop_ids, cfg.lm_batch(device), cfg.max_norm_ratio)
+    return results[0] if isinstance(saes, SAE) else results
 
 
 def print_eval(result: dict, title: str, folder: str | None = None):
@@ -437,7 +405,7 @@ def print_eval(result: dict, title: str, folder: str | None = None):
 
 
 # -------------------------------------------------------------------------------------------------
-# the language model and its activation stream
+# the language model and its text
 
 
 def default_device(cfg: Config) -> str:
@@ -488,9 +456,6 @@ def train_activations(cfg: Config, model, drop_ids: torch.Tensor, device: str, r
                                  cfg.lm_batch(device), device, cfg.max_norm_ratio)
 
 
-D_MODEL_HOOKS = ("resid", "hook_attn_out", "hook_mlp_out", "hook_normalized")   # d_model wide, known from the config
-
-
 def check_k(cfg: Config, d_sae: int):
     if max(cfg.top_k, cfg.initial_k or 0) >= d_sae:
         raise ValueError(f"--top-k {cfg.top_k} (and --initial-k, if given) must be below d_sae = {d_sae}")
@@ -505,64 +470,11 @@ def folded(sae: SAE, s_in: float, s_out: float) -> SAE:
 
 
 # -------------------------------------------------------------------------------------------------
-# the run
-
-
-def make_adam(sae: SAE, lr: float, threshold_lr_factor: float):
-    """Adam, fused: one kernel for the whole update instead of ~10 passes per tensor (Adam step 39
-    -> 7 ms at d=768, 8x on 2 CPU cores). It updates W_enc through W_enc_T, its transpose: W_enc is
-    column-major (sae.py), and torch's CPU fused Adam copies a non-contiguous gradient (and never
-    uses the copy), a transposing copy of all of W_enc every step (Adam 13 -> 4.5 ms at d=576, 8x).
-    Before each step: W_enc_T.grad = W_enc.grad.T, a view. Returns (opt, W_enc_T)."""
-    assert sae.W_enc.T.is_contiguous(), "sae.py keeps W_enc column-major"
-    W_enc_T = nn.Parameter(sae.W_enc.detach().T)          # the same memory
-    params = [W_enc_T if p is sae.W_enc else p for n, p in sae.named_parameters() if n != "log_threshold"]
-    opt = torch.optim.Adam([{"params": params}, {"params": [sae.log_threshold], "lr_factor": threshold_lr_factor}],
-                           lr=lr, betas=(0.9, 0.999), fused=True)
-    return opt, W_enc_T
-
-
-# Penalty coefficients that give L0 ~ 64 at the defaults on the embedded model (normalized space,
-# 800k tokens, held-out L0: l1 1.5 -> 108, 2.0 -> 62; tanh 0.5 -> 68).
-DEFAULT_SPARSITY_COEFFICIENT = {"l1": 2.0, "tanh": 0.5}
-
-
-class Window:
-    """Sums over the steps between two status lines (SPEC: ratios of sums, not means of ratios)."""
-
-    def __init__(self, d_sae: int, d_out: int, device):
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)   # n, err, sum y^2, nnz
-        self.y_sum = torch.zeros(d_out, dtype=torch.float64, device=device)
-        self.fired = torch.zeros(d_sae, dtype=torch.float64, device=device)
-        self.terms: dict[str, float] = {}
-        self.steps = 0
-
-    def add(self, y, y_hat, nnz, fired, terms: dict):
-        """nnz: this rank's active (token, latent) pairs; fired: per latent, summed over ranks."""
-        B = len(y)
-        self.sums += torch.stack([torch.tensor(B, device=y.device), (y - y_hat).pow(2).sum(),
-                                  y.pow(2).sum(), nnz]).double()
-        self.y_sum += y.sum(0).double()
-        self.fired += fired.double()
-        for name, v in terms.items():
-            self.terms[name] = self.terms.get(name, 0.0) + v.item()
-        self.steps += 1
-
-    def read(self, world: int) -> dict:
-        terms = torch.tensor(list(self.terms.values()), dtype=torch.float64, device=self.sums.device)
-        if world > 1:
-            for t in (self.sums, self.y_sum, terms):        # the loss terms: their mean over ranks
-                dist.all_reduce(t)
-        n, err, y2, nnz = self.sums.tolist()
-        freq = self.fired / n               # both summed over ranks: fired in the loop, n just above
-        return {"n": n / world, "explained_variance": 1 - err / (y2 - self.y_sum.pow(2).sum().item() / n),
-                "l0": nnz / n, **{k: v / (self.steps * world) for k, v in zip(self.terms, terms.tolist())},
-                "ultra_rare": (freq < 1e-5).float().mean().item(),
-                "dense": (freq > 1e-1).float().mean().item()}
+# logging
 
 
 def log(m: dict, bar, wandb_run, log_dir: str):
-    """The fixed-format status line (rank 0) and the same numbers to W&B."""
+    """The fixed-format status line (rank 0) and the same numbers to log.jsonl and W&B."""
     if int(os.environ.get("RANK", 0)) != 0:
         return
     terms = " ".join(f"{k} {m[k]:.4g}" for k in ("mse", "sparsity", "pre_act", "auxk") if k in m)
@@ -590,7 +502,9 @@ def progress_bar(total: int, done: int, rank: int):
 
 
 def start_wandb(cfg: Config, ckpt: dict | None):
+    """A W&B run (rank 0), started before the model loads, so that a missing login fails fast."""
     import wandb                                 # lazily: only runs that ask for W&B need it
+    os.makedirs(cfg.exp_result_path, exist_ok=True)
     run_id = ckpt.get("wandb_id") if ckpt else None
     try:
         run = wandb.init(project=cfg.wandb_project or "nanosae", name=cfg.exp_name, config=run_config(cfg),
@@ -609,17 +523,9 @@ def start_wandb(cfg: Config, ckpt: dict | None):
 # -------------------------------------------------------------------------------------------------
 # config files: flat keys named like the Config fields; command-line flags override them
 
-NOT_SAVED = ("config", "resume", "eval_only", "cache_activations")      # actions, not part of a run
-
 
 def run_config(cfg: Config) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SAVED}
-
-
-def write_json(obj: dict, path: str):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def read_config_file(path: str) -> dict:
@@ -642,6 +548,7 @@ def read_config_file(path: str) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: should hold key = value pairs of Config fields, not a "
                          f"{type(values).__name__}")
+    values.pop("code", None)              # train_config.json records the code it ran: not a setting
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for key, value in values.items():
         if key not in fields or key in NOT_SAVED:
@@ -679,6 +586,17 @@ def _check_compatible(saved: dict, cfg: Config):
         raise ValueError("--resume: the checkpoint comes from a different run (" + "; ".join(diff) + ")")
 
 
+def saved_run_config(folder: str) -> dict:
+    """The config of the run that saved this SAE folder ({} if SAE.save wrote it alone), less the
+    device: --eval-only runs on this machine's."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return {}                                   # (SAE.load says what is missing)
+    with open(path) as f:
+        saved = json.load(f).get("train", {})
+    return {k: v for k, v in saved.items() if k not in ("device", "generator_device")}
+
+
 def parse_args(argv: list[str]) -> Config:
     """tyro flags over an optional --config file over the run's own config: when resuming, or
     evaluating a saved SAE (--eval-only)."""
@@ -694,8 +612,13 @@ def parse_args(argv: list[str]) -> Config:
                     description=__doc__)
 
 
-def main(cfg: Config) -> dict:
-    # --- distributed prologue: torchrun sets RANK / WORLD_SIZE; without them, one process -------
+# -------------------------------------------------------------------------------------------------
+# the steps of a run, in the order main() takes them
+
+
+def setup_processes(cfg: Config) -> tuple[int, int, str]:
+    """torchrun sets RANK and WORLD_SIZE (and LOCAL_RANK, which picks the GPU); without them, one
+    process. Returns (rank, world, device)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = default_device(cfg)
     if cfg.batch_size % world:
@@ -708,294 +631,339 @@ def main(cfg: Config) -> dict:
         # 10 minutes is too short for a large LM's evaluation
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
                                 timeout=datetime.timedelta(hours=2))
-    B = cfg.batch_size // world                                  # this rank's share of a step
-    total_steps = cfg.total_training_tokens // cfg.batch_size
-    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
-    ckpt_dir = os.path.join(cfg.exp_result_path, "checkpoints")
-    if not ckpt and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        raise ValueError(f"{cfg.exp_result_path} holds checkpoints of another run: continue it with "
-                         f"--resume {cfg.exp_result_path}, or pick another --exp-result-path")
-    if ckpt:                                   # before the model loads
-        _check_compatible(ckpt["config"], cfg)
-    if ckpt and len(ckpt["data"]) != world:
-        raise ValueError(f"--resume: the checkpoint was written by {len(ckpt['data'])} processes, "
-                         f"this run has {world}; resume with the same --nproc_per_node")
-    wandb_run = None
-    if rank == 0 and (cfg.wandb_project or cfg.exp_name):     # before the model loads: no login fails fast
-        os.makedirs(cfg.exp_result_path, exist_ok=True)
-        wandb_run = start_wandb(cfg, ckpt)
-
-    # --- the language model (or a cache of its activations) and the activation stream ----------
-    d_model = check_model_and_data(cfg)        # the LM evaluates at the end, from a cache too
-    if cfg.activations:                        # the cache says what it holds; no LM while training
-        manifest = acts.read_manifest(cfg.activations, {**{k: getattr(cfg, k) for k in CACHE_KEYS},
-                                                        "hook_point_out": cfg.hook_out})
-        d_in, d_out = manifest["d_in"], manifest["d_out"]
-        # the LM only where it evaluates: rank 0, with --eval-every (else at the end)
-        model, drop_ids = load_lm(cfg, device) if cfg.eval_every and rank == 0 else (None, None)
-    else:
-        if any(s in cfg.hook_point_in for s in D_MODEL_HOOKS):      # before the model loads, when we can
-            check_k(cfg, cfg.expansion_factor * d_model)
-        model, drop_ids = load_lm(cfg, device)
-        d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out)
-    # where this rank is in its data: a checkpoint saves it after every batch
-    data = ckpt["data"][rank] if ckpt else {"next_context": 0, "mix": {}}
-    data.setdefault("outliers", 0)
-
-    # The stream's rows are [x, y], or x alone for an SAE (y = x): half the memory and copying.
-    sae_only = cfg.hook_out == cfg.hook_point_in
-
-    def chunks():
-        if cfg.activations:                    # next_context counts the cache's chunks here
-            for i, xy in acts.iter_cache(cfg.activations, manifest, cfg.perm_seed, rank, world,
-                                         data["next_context"]):
-                data["next_context"] = i + 1
-                yield xy.to(device)
-            return
-        for a in train_activations(cfg, model, drop_ids, device, rank, world, data["next_context"]):
-            data["next_context"] = a["last"] + 1
-            data["outliers"] += a["outliers"]
-            yield a["x"] if sae_only else torch.cat([a["x"], a["y"]], dim=1)
-
-    def stream():
-        """Yields (x, y, data position after this batch); rank r's buffer is seeded perm_seed + r."""
-        for xy in acts.mix(chunks(), cfg.buffer_size, B, cfg.perm_seed + rank,
-                           cfg.generator_device or device, data["mix"]):
-            xy = xy.to(device, getattr(torch, cfg.dtype))     # (a resumed buffer starts on the CPU)
-            yield xy[:, :d_in], xy if sae_only else xy[:, d_in:], {**data, "mix": dict(data["mix"])}
-    batches = stream()
-
-    # --- the SAE: normalization and init from the first batch, or the checkpoint ---------------
-    d_sae = cfg.expansion_factor * d_in
-    check_k(cfg, d_sae)
-    if device == "cpu" and B * d_sae * 4 > 32 * 2 ** 20:    # (B, m) fp32 tensors glibc would map anew
-        keep_freed_memory()
-    torch.manual_seed(cfg.seed)   # here: every rank starts from the same SAE, whatever loading the LM drew
-    sae = SAE(d_in, d_sae, cfg.act_fn, cfg.top_k, d_out, not sae_only,
-              cfg.jumprelu_threshold_window, cfg.jumprelu_init_threshold,
-              dtype=getattr(torch, cfg.dtype), device=device)
-    opt, W_enc_T = make_adam(sae, cfg.lr, cfg.jumprelu_lr_factor)
-    dead_tokens = min(cfg.dead_tokens, cfg.total_training_tokens // 10)
-    since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)   # tokens since last fire
-    step = 0
-    if ckpt:
-        sae.load_state_dict(ckpt["sae"])
-        opt.load_state_dict(ckpt["opt"])
-        s_in, s_out, step = ckpt["s_in"], ckpt["s_out"], ckpt["step"]
-        since_fired.copy_(ckpt["since_fired"])
-        torch.set_rng_state(ckpt["rng"])
-        print0(f"resumed from step {step} ({cfg.resume})")
-    else:
-        first = next(batches)
-        batches = itertools.chain([first], batches)            # the first batch is trained on too
-        x0, y0 = first[0].float(), first[1].float()
-        # One dataset-wide constant each for x and y so that mean ||x|| = sqrt(d). Averaged over
-        # ranks, like the initial b_dec, so that every rank starts from the same SAE.
-        s = torch.tensor([d_in ** 0.5 / x0.norm(dim=1).mean(), d_out ** 0.5 / y0.norm(dim=1).mean()],
-                         device=device) if cfg.normalize_activations else torch.ones(2, device=device)
-        s_in, s_out = rank_mean(s).tolist()                    # normalization constants
-        with torch.no_grad():
-            sae.b_dec.copy_(rank_mean(y0.mean(0)) * s_out)     # initial b_dec = mean of the targets
-        if cfg.grid_search_init_norm:
-            # each rank's MSE at each r, averaged over ranks: the search sees the global batch and
-            # every rank picks the same r (on its own batch alone, the ranks' r differ)
-            sae.train()
-            r = sae.grid_search_init_norm_((x0 * s_in).to(sae.W_enc.dtype), y0 * s_out,
-                                           k_at(0, cfg, total_steps), rank_mean)
-            sae.threshold.fill_(-1.0)                          # forget the search's batches
-            print0(f"grid search: decoder rows start at norm {r:.3f}")
-    if rank == 0:
-        os.makedirs(cfg.exp_result_path, exist_ok=True)
-        write_json(run_config(cfg), os.path.join(cfg.exp_result_path, "train_config.json"))
-        log_path = os.path.join(cfg.exp_result_path, "log.jsonl")
-        if os.path.exists(log_path):     # a new run starts a new log; a resumed one drops the lines
-            with open(log_path) as f:    # after its checkpoint (and a line cut short by a kill)
-                keep = [l for l in f if ckpt and l.endswith("\n") and json.loads(l)["step"] <= step]
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(log_path + ".tmp", log_path)
-    penalty = cfg.sparsity_loss or ("l1" if cfg.act_fn == "relu" else "tanh")
-    coef = cfg.sparsity_coefficient if cfg.sparsity_coefficient is not None else \
-        DEFAULT_SPARSITY_COEFFICIENT[penalty]
-
-    # SIGTERM / SIGINT: finish the step, write a checkpoint, exit 0.
-    stop = {"now": False}
-    old_handlers = {sig: signal.signal(sig, lambda *_: stop.update(now=True))
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    # --- training loop --------------------------------------------------------------------------
-    autocast = torch.autocast(torch.device(device).type, dtype=getattr(torch, cfg.amp_dtype),
-                              enabled=cfg.amp_dtype != "float32")
-    window = Window(d_sae, d_out, device)
-    bar = progress_bar(total_steps * cfg.batch_size, step * cfg.batch_size, rank)
-    t0 = saved_at = time.time()
-    diverged = False
-
-    def write_checkpoint(snap):
-        # the mixing buffer on the CPU and only its rows: pickled or saved, a view of a GPU tensor
-        # is all of its storage, on that GPU
-        snap = {**snap, "mix": {k: v.cpu().clone() if k == "buf" else v for k, v in snap["mix"].items()}}
-        all_data = [snap]
-        if world > 1:                                          # every rank's data position, to rank 0
-            all_data = [None] * world if rank == 0 else None
-            dist.gather_object(snap, all_data, dst=0)
-        if rank == 0:
-            save_checkpoint(ckpt_dir, dict(
-                step=step, sae=sae.state_dict(), opt=opt.state_dict(), s_in=s_in, s_out=s_out,
-                since_fired=since_fired.cpu(), rng=torch.get_rng_state(), data=all_data,
-                config=run_config(cfg), wandb_id=wandb_run.id if wandb_run else None),
-                cfg.keep_checkpoints)
-
-    snap = None                 # the data position after the last batch trained on
-    while step < total_steps:
-        try:
-            x, y, snap = next(batches)
-        except ValueError as e:  # bad data (e.g. a broken line deep in a .jsonl): keep the steps done
-            if world > 1 or snap is None:   # (under torchrun the other ranks wait in a collective)
-                raise
-            write_checkpoint(snap)
-            raise ValueError(f"{e} (checkpoint written at step {step}: fix the data, then "
-                             f"--resume {cfg.exp_result_path})") from None
-        x, y = x * s_in, y * s_out
-        k, lr = k_at(step, cfg, total_steps), lr_at(step, cfg, total_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr * group.get("lr_factor", 1.0)
-        sae.train()
-        with autocast:
-            y_hat, code = sae(x, k)
-            mse = (y_hat.float() - y.float()).pow(2).sum(-1).mean()
-            terms = {"mse": mse}
-            if cfg.act_fn in ("relu", "jumprelu"):
-                warm = min(1.0, (step + 1) / max(steps_of(cfg.sparsity_warmup_steps, total_steps), 1))
-                terms["sparsity"] = coef * warm * sae.sparsity_loss(code, penalty)
-                if cfg.act_fn == "jumprelu" and cfg.pre_act_loss_coefficient > 0:
-                    terms["pre_act"] = cfg.pre_act_loss_coefficient * sae.pre_act_loss(code)
-            elif cfg.use_auxk:
-                terms["auxk"] = cfg.aux_k_coefficient * sae.auxk_loss(
-                    code, y.float() - y_hat.float(), since_fired >= dead_tokens, cfg.aux_k)
-            loss = sum(terms.values())
-        sae.zero_grad(set_to_none=True)
-        loss.backward()
-        W_enc_T.grad = sae.W_enc.grad.T                  # Adam's view of W_enc (make_adam)
-        if world > 1:
-            # Average gradients over ranks: each rank's loss is a mean over its B tokens. Adam's
-            # parameters, whose gradients are contiguous (W_enc_T's, not W_enc's): NCCL needs it.
-            for p in (p for group in opt.param_groups for p in group["params"]):
-                p.grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                assert p.grad.is_contiguous(), "NCCL reduces only contiguous tensors"
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        opt.step()
-
-        # State that is not a parameter, made identical on every rank explicitly.
-        fired = code.fired(d_sae)
-        nnz = fired.sum()                  # this rank's pairs: no second (B, m) pass for L0
-        if world > 1:
-            dist.all_reduce(fired)                                     # dead-latent counters
-            if cfg.act_fn == "batchtopk":
-                dist.all_reduce(sae.threshold)                         # running BatchTopK threshold
-                sae.threshold /= world
-        since_fired += cfg.batch_size
-        since_fired[fired > 0] = 0
-        step += 1
-        bar.update(cfg.batch_size)
-        window.add(y.float(), y_hat.detach().float(), nnz, fired, {**terms, "loss": loss})
-
-        if step % cfg.log_frequency == 0 or step == total_steps:
-            m = window.read(world)
-            outliers = torch.tensor(float(snap["outliers"]), device=device)
-            if world > 1:
-                dist.all_reduce(outliers)                             # summed over ranks
-            m.update(step=step, outliers_dropped=int(outliers), tokens=step * cfg.batch_size, k=k, lr=lr,
-                     dead=(since_fired >= dead_tokens).float().mean().item(),
-                     tokens_per_s=m["n"] * world / (time.time() - t0))
-            log(m, bar, wandb_run, cfg.exp_result_path)
-            window, t0 = Window(d_sae, d_out, device), time.time()
-
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and rank == 0 and not stop["now"]:
-            try:        # a signal stops the evaluation at once: the checkpoint comes before a kill
-                with signals_interrupt():   # that follows it (torchrun's and Slurm's come 30 s later)
-                    result = evaluate(folded(sae, s_in, s_out), model, cfg, drop_ids, device)
-                print_eval(result, f"held-out evaluation at step {step}")
-                wandb_log(wandb_run, "eval", result, step)
-            except KeyboardInterrupt:
-                stop["now"] = True
-                print0(f"held-out evaluation at step {step} stopped by a signal")
-
-        # Checkpoint every checkpoint_every steps, every checkpoint_minutes, and on a signal.
-        due = cfg.checkpoint_minutes and time.time() - saved_at > 60 * cfg.checkpoint_minutes
-        diverged = not math.isfinite(loss.item())      # window.add read it: the step has ended
-        flags = torch.tensor([float(stop["now"]), float(due), float(diverged)], device=device)
-        if world > 1:
-            dist.all_reduce(flags)             # any rank's signal, clock or nan: every rank agrees
-        stop_now, due, diverged = flags.tolist()
-        if diverged:                           # no checkpoint of nan weights: the last one stays
-            break
-        if stop_now or due or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            saved_at = time.time()
-            write_checkpoint(snap)
-            if stop_now:
-                print0(f"stopped by a signal at step {step}; checkpoint written, resume with "
-                       f"--resume {cfg.exp_result_path}")
-                break
-    bar.close()
-    for sig, handler in old_handlers.items():       # a caller's Ctrl-C works again after main()
-        signal.signal(sig, handler)
-    if diverged:
-        raise FloatingPointError(f"the loss is nan or inf at step {step}: lower --lr" + (
-            " or use --amp-dtype bfloat16 (float16 overflows)" if cfg.amp_dtype == "float16" else "") +
-            " (checkpoints written before this step are kept)")
-    if step < total_steps:                          # stopped by a signal, checkpoint written
-        _finish(world)
-        return {"stopped_at": step}
-    if world > 1:                      # every rank must hold the same SAE: check it, don't assume
-        flat = torch.cat([p.detach().flatten() for p in sae.parameters()])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
-        assert torch.equal(ref, flat), f"rank {rank} ended with weights that differ from rank 0's"
-
-    # --- save (normalization folded into the weights) and evaluate on held-out text ------------
-    result = {}
-    if rank == 0:
-        sae_raw = folded(sae, s_in, s_out)
-        extra = {"train": run_config(cfg), "norm_scale_in": s_in, "norm_scale_out": s_out}
-        sae_raw.save(cfg.exp_result_path, extra)
-        saes, folder = [sae_raw], os.path.join(cfg.exp_result_path, "jumprelu")
-        if cfg.act_fn == "batchtopk":                     # and its JumpReLU conversion, beside it
-            saes.append(folded(sae, s_in, s_out).to_jumprelu_())
-            saes[1].save(folder, extra)
-        elif os.path.exists(os.path.join(folder, "sae.safetensors")):   # an earlier run's, in this folder
-            shutil.rmtree(folder)
-        # Stopped from here on (Ctrl-C, or a scheduler's SIGTERM, which would kill silently), the run
-        # says that its SAE is saved and how to evaluate it.
-        try:
-            with signals_interrupt():
-                if model is None:   # trained from a cache: the LM is needed only now, once the SAE is saved
-                    model, drop_ids = load_lm(cfg, device)
-                result, *converted = evaluate(saes, model, cfg, drop_ids, device)
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"before the evaluation ended; the SAE is saved: evaluate it with "
-                                    f"--eval-only {cfg.exp_result_path}") from None
-        print_eval(result, f"held-out evaluation ({cfg.exp_result_path})", cfg.exp_result_path)
-        if converted:
-            result["jumprelu"] = converted[0]
-            print_eval(result["jumprelu"], f"converted to JumpReLU ({folder})", folder)
-        wandb_log(wandb_run, "eval", result, step)
-        if wandb_run:
-            wandb_run.finish()
-    _finish(world)
-    return result
+    return rank, world, device
 
 
-def _finish(world: int):
+def end_processes(world: int):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
 
 
-# What a cache was made from; a run trains from it only with the same (the held-out text above all).
-CACHE_KEYS = ("model", "model_dtype", "hook_point_in", "dataset", "dataset_split", "text_column",
-              "context_size", "eval_tokens", "eval_dataset", "ignore_token_ids", "max_norm_ratio")
+def check_run_folder(cfg: Config, world: int) -> dict | None:
+    """The checkpoint to resume from, if any, checked against this run before the model loads. A
+    new run may not write into a folder that holds another run's checkpoints."""
+    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
+    ckpt_dir = os.path.join(cfg.exp_result_path, "checkpoints")
+    if not ckpt and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        raise ValueError(f"{cfg.exp_result_path} holds checkpoints of another run: continue it with "
+                         f"--resume {cfg.exp_result_path}, or pick another --exp-result-path")
+    if ckpt:
+        _check_compatible(ckpt["config"], cfg)
+        if len(ckpt["data"]) != world:
+            raise ValueError(f"--resume: the checkpoint was written by {len(ckpt['data'])} processes, "
+                             f"this run has {world}; resume with the same --nproc_per_node")
+    return ckpt
+
+
+def open_data(cfg: Config, rank: int, device: str):
+    """The LM, or a cache of its activations, and the widths of x and y, checked before the weights
+    load where they can be. From a cache the LM loads only where it evaluates during training: rank
+    0, with --eval-every (else at the end). Returns (model, drop_ids, d_in, d_out, manifest)."""
+    d_model = check_model_and_data(cfg)
+    if cfg.activations:                        # the cache says what it holds
+        manifest = acts.read_manifest(cfg.activations, {**{k: getattr(cfg, k) for k in CACHE_KEYS},
+                                                        "hook_point_out": cfg.hook_out})
+        model, drop_ids = load_lm(cfg, device) if cfg.eval_every and rank == 0 else (None, None)
+        return model, drop_ids, manifest["d_in"], manifest["d_out"], manifest
+    if acts.is_d_model_wide(cfg.hook_point_in):
+        check_k(cfg, cfg.expansion_factor * d_model)
+    model, drop_ids = load_lm(cfg, device)
+    return (model, drop_ids, *acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out), None)
+
+
+def lm_chunks(cfg: Config, model, drop_ids, device: str, rank: int, world: int, start: dict, sae_only: bool):
+    """Chunks of [x, y] rows (x alone for an SAE) from the LM, each with where the stream stands
+    after it: the next context to read and the massive activations dropped so far."""
+    outliers = start["outliers"]
+    for a in train_activations(cfg, model, drop_ids, device, rank, world, start["next_context"]):
+        outliers += a["outliers"]
+        yield (a["x"] if sae_only else torch.cat([a["x"], a["y"]], dim=1),
+               {"next_context": a["last"] + 1, "outliers": outliers})
+
+
+def activation_stream(cfg: Config, model, drop_ids, manifest, d_in: int, device: str, rank: int,
+                      world: int, position: dict):
+    """This rank's training batches from `position` on (a checkpoint's, or the start): yields
+    (x (B, d_in), y (B, d_out), the position after this batch), in --dtype. The rows are [x, y], or
+    x alone for an SAE (y = x: half the memory and copying). Rank r's buffer is seeded perm_seed + r."""
+    sae_only = cfg.hook_out == cfg.hook_point_in
+    start = {"next_context": position["next_context"], "outliers": position.get("outliers", 0)}
+    if cfg.activations:                        # next_context counts the cache's chunks here
+        chunks = ((xy.to(device), {"next_context": i + 1, "outliers": 0}) for i, xy in
+                  acts.iter_cache(cfg.activations, manifest, cfg.perm_seed, rank, world, start["next_context"]))
+    else:
+        chunks = lm_chunks(cfg, model, drop_ids, device, rank, world, start, sae_only)
+    for xy, mixed in acts.mix(chunks, cfg.buffer_size, cfg.batch_size // world, cfg.perm_seed + rank,
+                              cfg.generator_device or device, {**position["mix"], "source": start}):
+        xy = xy.to(device, getattr(torch, cfg.dtype))     # (a resumed buffer starts on the CPU)
+        source = mixed.pop("source")
+        yield xy[:, :d_in], xy if sae_only else xy[:, d_in:], {**source, "mix": mixed}
+
+
+@dataclass
+class RunState:
+    """What a run carries from step to step besides the SAE and the optimizer."""
+    step: int
+    s_in: float                 # normalization: the SAE trains on x * s_in -> y * s_out
+    s_out: float
+    since_fired: torch.Tensor   # (d_sae,) tokens since each latent last fired
+
+
+def init_sae(cfg: Config, d_in: int, d_out: int, device: str, world: int, batches, ckpt: dict | None):
+    """The SAE and its optimizer: from the checkpoint, or fresh, with the normalization and the
+    initialization made from the first batch, which is then trained on too.
+    Returns (sae, opt, state, batches)."""
+    d_sae = cfg.expansion_factor * d_in
+    check_k(cfg, d_sae)
+    if device == "cpu" and cfg.batch_size // world * d_sae * 4 > 32 * 2 ** 20:   # large (B, m) tensors
+        keep_freed_memory()
+    torch.manual_seed(cfg.seed)   # here: every rank starts from the same SAE, whatever loading the LM drew
+    sae = SAE(d_in, d_sae, cfg.act_fn, cfg.top_k, d_out, cfg.hook_out != cfg.hook_point_in,
+              cfg.jumprelu_threshold_window, cfg.jumprelu_init_threshold,
+              dtype=getattr(torch, cfg.dtype), device=device)
+    opt = torch.optim.Adam(sae.param_groups(cfg.jumprelu_lr_factor), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+    if ckpt:
+        sae.load_state_dict(ckpt["sae"])
+        opt.load_state_dict(ckpt["opt"])
+        torch.set_rng_state(ckpt["rng"])
+        print0(f"resumed from step {ckpt['step']} ({cfg.resume})")
+        return sae, opt, RunState(ckpt["step"], ckpt["s_in"], ckpt["s_out"], ckpt["since_fired"].to(device)), batches
+    first = next(batches)
+    x0, y0 = first[0].float(), first[1].float()
+    # One dataset-wide constant each for x and y so that mean ||x|| = sqrt(d). Averaged over ranks,
+    # like the initial b_dec, so that every rank starts from the same SAE.
+    s = torch.tensor([d_in ** 0.5 / x0.norm(dim=1).mean(), d_out ** 0.5 / y0.norm(dim=1).mean()],
+                     device=device) if cfg.normalize_activations else torch.ones(2, device=device)
+    s_in, s_out = rank_mean(s).tolist()
+    with torch.no_grad():
+        sae.b_dec.copy_(rank_mean(y0.mean(0)) * s_out)         # initial b_dec = mean of the targets
+    if cfg.grid_search_init_norm:
+        # each rank's MSE at each r, averaged over ranks: the search sees the global batch and every
+        # rank picks the same r (on its own batch alone, the ranks' r would differ)
+        sae.train()
+        r = sae.grid_search_init_norm_((x0 * s_in).to(sae.W_enc.dtype), y0 * s_out,
+                                       k_at(0, cfg, cfg.total_training_tokens // cfg.batch_size), rank_mean)
+        sae.threshold.fill_(-1.0)                              # forget the search's batches
+        print0(f"grid search: decoder rows start at norm {r:.3f}")
+    since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+    return sae, opt, RunState(0, s_in, s_out, since_fired), itertools.chain([first], batches)
+
+
+def start_run_folder(cfg: Config, resumed_step: int | None):
+    """Rank 0: train_config.json (the settings, and the code that ran them) and log.jsonl, which a
+    new run starts anew and a resumed one cuts after its checkpoint (and a line cut short by a kill)."""
+    os.makedirs(cfg.exp_result_path, exist_ok=True)
+    write_json({**run_config(cfg), "code": code_version()}, os.path.join(cfg.exp_result_path, "train_config.json"))
+    log_path = os.path.join(cfg.exp_result_path, "log.jsonl")
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            keep = [l for l in f if resumed_step is not None and l.endswith("\n")
+                    and json.loads(l)["step"] <= resumed_step]
+        acts.write_atomic(log_path, "".join(keep))
+
+
+def loss_terms(cfg: Config, sae: SAE, code, y, y_hat, step: int, total_steps: int, dead_M) -> dict:
+    """The loss terms of one step, whose sum is the loss: the reconstruction error, and the sparsity
+    penalty (and pre-activation loss) of relu / jumprelu, or AuxK of topk / batchtopk."""
+    terms = {"mse": (y_hat.float() - y.float()).pow(2).sum(-1).mean()}
+    if cfg.act_fn in ("relu", "jumprelu"):
+        penalty = cfg.sparsity_loss or ("l1" if cfg.act_fn == "relu" else "tanh")
+        coef = DEFAULT_SPARSITY_COEFFICIENT[penalty] if cfg.sparsity_coefficient is None else cfg.sparsity_coefficient
+        warm = min(1.0, (step + 1) / max(steps_of(cfg.sparsity_warmup_steps, total_steps), 1))
+        terms["sparsity"] = coef * warm * sae.sparsity_loss(code, penalty)
+        if cfg.act_fn == "jumprelu" and cfg.pre_act_loss_coefficient > 0:
+            terms["pre_act"] = cfg.pre_act_loss_coefficient * sae.pre_act_loss(code)
+    elif cfg.use_auxk:
+        terms["auxk"] = cfg.aux_k_coefficient * sae.auxk_loss(code, y.float() - y_hat.float(), dead_M, cfg.aux_k)
+    return terms
+
+
+def average_gradients_(sae: SAE, world: int):
+    """Each rank's loss is a mean over its own tokens: the global batch's gradient is their mean."""
+    if world > 1:
+        for p in sae.parameters():
+            p.grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def sync_state_(sae: SAE, fired_M: torch.Tensor, world: int):
+    """State that is not a parameter, made identical on every rank explicitly: the firing counts
+    that the dead-latent counters read, and BatchTopK's running threshold (each rank selects over
+    its own local batch, so each has its own threshold)."""
+    if world > 1:
+        dist.all_reduce(fired_M)
+        if sae.act_fn == "batchtopk":
+            dist.all_reduce(sae.threshold)
+            sae.threshold /= world
+
+
+def write_checkpoint(cfg: Config, sae: SAE, opt, st: RunState, position: dict, wandb_run, rank: int, world: int):
+    """Every rank's data position, gathered to rank 0, which writes the checkpoint. The mixing
+    buffer goes on the CPU, and only its rows: pickled, a view of a GPU tensor is all of its storage."""
+    position = {**position, "mix": {k: v.cpu().clone() if k == "buf" else v for k, v in position["mix"].items()}}
+    positions = [position]
+    if world > 1:
+        positions = [None] * world if rank == 0 else None
+        dist.gather_object(position, positions, dst=0)
+    if rank == 0:
+        save_checkpoint(os.path.join(cfg.exp_result_path, "checkpoints"), dict(
+            step=st.step, sae=sae.state_dict(), opt=opt.state_dict(), s_in=st.s_in, s_out=st.s_out,
+            since_fired=st.since_fired.cpu(), rng=torch.get_rng_state(), data=positions,
+            config=run_config(cfg), wandb_id=wandb_run.id if wandb_run else None), cfg.keep_checkpoints)
+
+
+def evaluate_during_training(cfg: Config, sae: SAE, st: RunState, model, drop_ids, wandb_run,
+                             device: str, stop: threading.Event):
+    """--eval-every (rank 0). A signal stops it at once and the loop checkpoints: a scheduler's
+    kill follows its SIGTERM (torchrun's and Slurm's some 30 s later)."""
+    try:
+        with caught_signals():
+            result = evaluate(folded(sae, st.s_in, st.s_out), model, cfg, drop_ids, device)
+        print_eval(result, f"held-out evaluation at step {st.step}")
+        wandb_log(wandb_run, "eval", result, st.step)
+    except KeyboardInterrupt:
+        stop.set()
+        print0(f"held-out evaluation at step {st.step} stopped by a signal")
+
+
+def train_loop(cfg: Config, sae: SAE, opt, st: RunState, batches, model, drop_ids, wandb_run,
+               rank: int, world: int, device: str) -> RunState:
+    """Train until the last step, or a signal (SIGTERM, SIGINT: the step ends, a checkpoint is
+    written). Checkpoints every checkpoint_every steps and every checkpoint_minutes."""
+    total_steps = cfg.total_training_tokens // cfg.batch_size
+    dead_tokens = min(cfg.dead_tokens, cfg.total_training_tokens // 10)
+    autocast = torch.autocast(torch.device(device).type, dtype=getattr(torch, cfg.amp_dtype),
+                              enabled=cfg.amp_dtype != "float32")
+    window, stop, position = acts.Stats(sae.d_out, sae.d_sae, device), threading.Event(), None
+    t0 = saved_at = time.time()
+    with progress_bar(total_steps * cfg.batch_size, st.step * cfg.batch_size, rank) as bar, caught_signals(stop):
+        while st.step < total_steps:
+            try:
+                x, y, position = next(batches)
+            except ValueError as e:  # bad data (a broken line deep in a .jsonl): keep the steps done
+                if world > 1 or position is None:   # (under torchrun the other ranks wait in a collective)
+                    raise
+                write_checkpoint(cfg, sae, opt, st, position, wandb_run, rank, world)
+                raise ValueError(f"{e} (checkpoint written at step {st.step}: fix the data, then "
+                                 f"--resume {cfg.exp_result_path})") from None
+            x, y = x * st.s_in, y * st.s_out
+            k, lr = k_at(st.step, cfg, total_steps), lr_at(st.step, cfg, total_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr * group.get("lr_factor", 1.0)
+            sae.train()
+            with autocast:
+                y_hat, code = sae(x, k)
+                terms = loss_terms(cfg, sae, code, y, y_hat, st.step, total_steps, st.since_fired >= dead_tokens)
+                loss = sum(terms.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            average_gradients_(sae, world)
+            opt.step()
+            fired = code.fired(sae.d_sae)
+            window.add(y.float(), y_hat.detach().float(), fired, {**terms, "loss": loss})
+            sync_state_(sae, fired, world)
+            st.since_fired += cfg.batch_size
+            st.since_fired[fired > 0] = 0
+            st.step += 1
+            bar.update(cfg.batch_size)
+
+            if st.step % cfg.log_frequency == 0 or st.step == total_steps:
+                m = window.read(rank_sum, world)                 # every rank's tokens and loss terms
+                outliers = rank_sum(torch.tensor(float(position["outliers"]), device=device))
+                m.update(step=st.step, tokens=st.step * cfg.batch_size, k=k, lr=lr, outliers_dropped=int(outliers),
+                         dead=(st.since_fired >= dead_tokens).float().mean().item(),
+                         tokens_per_s=m["n"] / (time.time() - t0))
+                log(m, bar, wandb_run, cfg.exp_result_path)
+                window, t0 = acts.Stats(sae.d_out, sae.d_sae, device), time.time()
+            if (cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < total_steps and rank == 0
+                    and not stop.is_set()):
+                evaluate_during_training(cfg, sae, st, model, drop_ids, wandb_run, device, stop)
+
+            due = cfg.checkpoint_minutes and time.time() - saved_at > 60 * cfg.checkpoint_minutes
+            flags = torch.tensor([float(stop.is_set()), float(due), float(not math.isfinite(loss.item()))],
+                                 device=device)
+            if world > 1:
+                dist.all_reduce(flags)          # any rank's signal, clock or nan: every rank agrees
+            stop_now, due, diverged = flags.tolist()
+            if diverged:                        # no checkpoint of nan weights: the last one stays
+                raise FloatingPointError(f"the loss is nan or inf at step {st.step}: lower --lr" + (
+                    " or use --amp-dtype bfloat16 (float16 overflows)" if cfg.amp_dtype == "float16" else "") +
+                    " (checkpoints written before this step are kept)")
+            if stop_now or due or (cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0):
+                saved_at = time.time()
+                write_checkpoint(cfg, sae, opt, st, position, wandb_run, rank, world)
+                if stop_now:
+                    print0(f"stopped by a signal at step {st.step}; checkpoint written, resume with "
+                           f"--resume {cfg.exp_result_path}")
+                    break
+    return st
+
+
+def check_ranks_agree(sae: SAE, rank: int, world: int):
+    """Every rank must hold the same SAE at the end: checked, not assumed."""
+    if world > 1:
+        flat = torch.cat([p.detach().flatten() for p in sae.parameters()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        assert torch.equal(ref, flat), f"rank {rank} ended with weights that differ from rank 0's"
+
+
+def save_and_evaluate(cfg: Config, sae: SAE, st: RunState, model, drop_ids, wandb_run, device: str) -> dict:
+    """Rank 0: save the SAE with the normalization folded in (a BatchTopK one also converted to
+    JumpReLU, in jumprelu/ beside it), then evaluate on held-out text and write eval.json."""
+    extra = {"train": run_config(cfg), "code": code_version(), "norm_scale_in": st.s_in, "norm_scale_out": st.s_out}
+    saes, folder = [folded(sae, st.s_in, st.s_out)], os.path.join(cfg.exp_result_path, "jumprelu")
+    saes[0].save(cfg.exp_result_path, extra)
+    if cfg.act_fn == "batchtopk":
+        saes.append(folded(sae, st.s_in, st.s_out).to_jumprelu_())
+        saes[1].save(folder, extra)
+    elif os.path.exists(os.path.join(folder, "sae.safetensors")):   # an earlier run's, in this folder
+        shutil.rmtree(folder)
+    # Stopped from here on (Ctrl-C, or a scheduler's SIGTERM, which would kill silently), the run says
+    # that its SAE is saved and how to evaluate it.
+    try:
+        with caught_signals():
+            if model is None:   # trained from a cache: the LM is needed only now, once the SAE is saved
+                model, drop_ids = load_lm(cfg, device)
+            result, *converted = evaluate(saes, model, cfg, drop_ids, device)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"before the evaluation ended; the SAE is saved: evaluate it with "
+                                f"--eval-only {cfg.exp_result_path}") from None
+    print_eval(result, f"held-out evaluation ({cfg.exp_result_path})", cfg.exp_result_path)
+    if converted:
+        result["jumprelu"] = converted[0]
+        print_eval(result["jumprelu"], f"converted to JumpReLU ({folder})", folder)
+    wandb_log(wandb_run, "eval", result, st.step)
+    if wandb_run:
+        wandb_run.finish()
+    return result
+
+
+def main(cfg: Config) -> dict:
+    """One training run: the held-out evaluation's results ({"stopped_at": step} after a signal)."""
+    rank, world, device = setup_processes(cfg)
+    ckpt = check_run_folder(cfg, world)
+    wandb_run = start_wandb(cfg, ckpt) if rank == 0 and (cfg.wandb_project or cfg.exp_name) else None
+    model, drop_ids, d_in, d_out, manifest = open_data(cfg, rank, device)
+    position = ckpt["data"][rank] if ckpt else {"next_context": 0, "outliers": 0, "mix": {}}
+    batches = activation_stream(cfg, model, drop_ids, manifest, d_in, device, rank, world, position)
+    sae, opt, st, batches = init_sae(cfg, d_in, d_out, device, world, batches, ckpt)
+    if rank == 0:
+        start_run_folder(cfg, st.step if ckpt else None)
+    st = train_loop(cfg, sae, opt, st, batches, model, drop_ids, wandb_run, rank, world, device)
+    if st.step < cfg.total_training_tokens // cfg.batch_size:      # stopped by a signal, checkpointed
+        end_processes(world)
+        return {"stopped_at": st.step}
+    check_ranks_agree(sae, rank, world)
+    result = save_and_evaluate(cfg, sae, st, model, drop_ids, wandb_run, device) if rank == 0 else {}
+    end_processes(world)
+    return result
+
+
+# -------------------------------------------------------------------------------------------------
+# the other two commands: write an activation cache, evaluate a saved SAE
 
 
 def cache_main(cfg: Config) -> dict:
@@ -1014,25 +982,13 @@ def cache_main(cfg: Config) -> dict:
     manifest = {k: getattr(cfg, k) for k in CACHE_KEYS}
     manifest.update(hook_point_out=cfg.hook_out, sae=cfg.hook_out == cfg.hook_point_in,
                     d_in=d_in, d_out=d_out)
-    bar = progress_bar(cfg.total_training_tokens, 0, 0)
-    stream = train_activations(cfg, model, drop_ids, device, passes=1)
-    manifest = acts.write_cache(cfg.cache_activations, (bar.update(len(a["x"])) or a for a in stream),
-                                manifest, cfg.total_training_tokens)
-    bar.close()
+    with progress_bar(cfg.total_training_tokens, 0, 0) as bar:
+        stream = train_activations(cfg, model, drop_ids, device, passes=1)
+        manifest = acts.write_cache(cfg.cache_activations, (bar.update(len(a["x"])) or a for a in stream),
+                                    manifest, cfg.total_training_tokens)
     print0(f"cached {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards at "
            f"{cfg.cache_activations}; train with --activations {cfg.cache_activations}")
     return manifest
-
-
-def saved_run_config(folder: str) -> dict:
-    """The config of the run that saved this SAE folder ({} if SAE.save wrote it alone), less the
-    device: --eval-only runs on this machine's."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        return {}                                   # (SAE.load says what is missing)
-    with open(path) as f:
-        saved = json.load(f).get("train", {})
-    return {k: v for k, v in saved.items() if k not in ("device", "generator_device")}
 
 
 def eval_only(cfg: Config) -> dict:

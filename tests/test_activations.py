@@ -108,38 +108,41 @@ def test_special_tokens_never_reach_the_sae(tiny_model):
     assert torch.equal(torch.cat([o["tokens"] for o in out]), tokens[keep])
 
 
+def batches(chunks, *args, **kw):
+    """mix over chunks tagged with their index: the batches alone."""
+    return [b for b, _ in acts.mix(((c, i) for i, c in enumerate(chunks)), *args, **kw)]
+
+
 def test_mixing_buffer_yields_every_token_exactly_once():
     chunks = [torch.arange(i * 100, (i + 1) * 100)[:, None].float() for i in range(13)]
-    out = torch.cat(list(acts.mix(iter(chunks), buffer_size=300, batch_size=32, seed=42)))
+    out = torch.cat(batches(chunks, buffer_size=300, batch_size=32, seed=42))
     assert sorted(out.flatten().tolist()) == list(range(1300))
     assert not torch.equal(out.flatten(), torch.arange(1300).float())        # it did shuffle
     # the same seed gives the same order; another seed another
-    again = torch.cat(list(acts.mix(iter(chunks), 300, 32, 42)))
-    other = torch.cat(list(acts.mix(iter(chunks), 300, 32, 43)))
+    again = torch.cat(batches(chunks, 300, 32, 42))
+    other = torch.cat(batches(chunks, 300, 32, 43))
     assert torch.equal(out, again) and not torch.equal(out, other)
 
 
 def test_mixing_buffer_resumes_at_the_same_row():
     chunks = [torch.arange(i * 50, (i + 1) * 50)[:, None].float() for i in range(20)]
-    full = list(acts.mix(iter(chunks), 200, 16, seed=1))
-    state, consumed = {}, []
-
-    def counted():
-        for c in chunks:
-            consumed.append(1)
-            yield c
-    gen = acts.mix(counted(), 200, 16, seed=1, state=state)
-    first = list(itertools.islice(gen, 9))
-    saved = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()}
-    n_chunks = len(consumed)
-    rest = list(acts.mix(iter(chunks[n_chunks:]), 200, 16, seed=1, state=dict(saved)))
-    assert all(torch.equal(a, b) for a, b in zip(first + rest, full)) and len(first + rest) == len(full)
+    full = batches(chunks, 200, 16, seed=1)
+    # the state after batch 9 says which chunk was read last; a new mix from the chunk after it,
+    # given that state, serves exactly the batches that the uninterrupted one served after batch 9
+    gen = acts.mix(((c, i) for i, c in enumerate(chunks)), 200, 16, seed=1)
+    first, states = zip(*itertools.islice(gen, 9))
+    saved = states[-1]
+    assert saved["source"] < len(chunks) - 1 and all(s is not saved for s in states[:-1])   # a new dict each time
+    after = chunks[saved["source"] + 1:]
+    rest = [b for b, _ in acts.mix(((c, i) for i, c in enumerate(after)), 200, 16, seed=1, state=dict(saved))]
+    assert all(torch.equal(a, b) for a, b in zip(list(first) + rest, full)) and len(first) + len(rest) == len(full)
     # resumed where the device is a GPU, it shuffles on the CPU as the checkpointed run did
-    on_gpu = list(acts.mix(iter(chunks[n_chunks:]), 200, 16, seed=1, device="cuda", state=dict(saved)))
+    on_gpu = [b for b, _ in acts.mix(((c, i) for i, c in enumerate(after)), 200, 16, seed=1, device="cuda",
+                                     state=dict(saved))]
     assert all(torch.equal(a, b) for a, b in zip(on_gpu, rest)) and len(on_gpu) == len(rest)
     if not torch.cuda.is_available():           # and one shuffled on a GPU cannot resume without one
         with pytest.raises(ValueError, match="shuffled on a GPU"):
-            next(acts.mix(iter(chunks), 200, 16, seed=1, state={**saved, "rng_device": "cuda"}))
+            batches(chunks, 200, 16, seed=1, state={**saved, "rng_device": "cuda"})
 
 
 def test_hook_point_check_lists_valid_ones():

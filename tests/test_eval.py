@@ -19,7 +19,7 @@ def identity_sae(d: int) -> SAE:
     sae = SAE(d, 2 * d, "relu")
     eye = torch.eye(d)
     with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_enc.copy_(torch.cat([eye, -eye], 0))
         sae.W_dec.copy_(torch.cat([eye, -eye], 0))
         sae.b_enc.zero_(), sae.b_dec.zero_()
     return sae
@@ -108,7 +108,7 @@ def test_explained_variance_matches_a_hand_computation(tiny_model, tiny_model_pa
     """EV = 1 - sum ||y - y_hat||^2 / sum ||y - mean y||^2 over the kept held-out tokens, and the
     "typical" EV over those whose y is within TYPICAL_NORM_RATIO x their batch's median norm (set
     to 1 here so that it leaves out half of them)."""
-    monkeypatch.setattr(train, "TYPICAL_NORM_RATIO", 1.0)
+    monkeypatch.setattr(acts, "TYPICAL_NORM_RATIO", 1.0)
     out = "blocks.1.hook_resid_post"
     cfg = tiny_cfg(tiny_model_path, hook_in, hook_point_out=out if hook_in != out else None)
     sae = identity_sae(32)

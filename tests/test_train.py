@@ -119,7 +119,7 @@ def test_freed_memory_is_reused_not_faulted_in_again():
     """A 64 MB tensor made and freed 20 times: without keep_freed_memory() each one faults its
     16k pages in anew; with it, after a few rounds the heap hands the freed block back."""
     code = """if True:
-        import resource, torch, train
+        import resource, torch, sae
         def faults():                     # page faults of the last 5 of 20 rounds
             for i in range(20):
                 if i == 15:
@@ -127,7 +127,7 @@ def test_freed_memory_is_reused_not_faulted_in_again():
                 torch.empty(16 * 2 ** 20).fill_(1.0)
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         before = faults()
-        train.keep_freed_memory()
+        sae.keep_freed_memory()
         print(before, faults())"""
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     before, after = map(int, r.stdout.split())
@@ -135,26 +135,32 @@ def test_freed_memory_is_reused_not_faulted_in_again():
 
 
 @pytest.mark.parametrize("transcoder", [False, True])
-def test_make_adam_updates_W_enc_as_plain_adam_does(transcoder):
-    """make_adam's Adam updates W_enc through a transposed view of its memory: three steps of it
-    give the same SAE (and the same Adam state) as plain single-tensor Adam on a copy."""
+def test_fused_adam_over_the_sae_param_groups_is_plain_adam(transcoder):
+    """train.py's optimizer, fused Adam over the groups SAE.param_groups gives (the thresholds' lr
+    scaled by their factor each step, as the loop does), takes the same three steps as plain
+    single-tensor Adam on a copy, whose thresholds get their own lr."""
     torch.manual_seed(0)
-    sae = SAE(16, 64, "topk", 4, d_out=8 if transcoder else None, transcoder=transcoder)
+    sae = SAE(16, 64, "jumprelu", 4, d_out=8 if transcoder else None, transcoder=transcoder,
+              jumprelu_init_threshold=0.05)
     ref = copy.deepcopy(sae)
-    opt, W_enc_T = train.make_adam(sae, 1e-2, 0.1)
-    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, foreach=False)
+    opt = torch.optim.Adam(sae.param_groups(0.1), lr=1e-2, fused=True)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in sae.parameters()}
+    ref_opt = torch.optim.Adam([{"params": [p for n, p in ref.named_parameters() if n != "log_threshold"]},
+                                {"params": [ref.log_threshold], "lr": 1e-3}], lr=1e-2, foreach=False)
     x = torch.randn(32, 16)
     for model, o in ((sae, opt), (ref, ref_opt)):
         for _ in range(3):
-            model.zero_grad(set_to_none=True)
+            if o is opt:
+                for group in o.param_groups:
+                    group["lr"] = 1e-2 * group.get("lr_factor", 1.0)
+            o.zero_grad(set_to_none=True)
             y_hat, code = model(x)
-            (y_hat - x[:, :model.d_out]).pow(2).sum(-1).mean().backward()
-            if model is sae:
-                W_enc_T.grad = sae.W_enc.grad.T
+            ((y_hat - x[:, :model.d_out]).pow(2).sum(-1).mean() + model.sparsity_loss(code, "tanh")).backward()
+            assert all(p.grad is None or p.grad.is_contiguous() for p in model.parameters())
             o.step()
     for name, p in ref.named_parameters():
         torch.testing.assert_close(getattr(sae, name), p, atol=1e-6, rtol=1e-5, msg=name)
-    torch.testing.assert_close(opt.state[W_enc_T]["exp_avg"].T, ref_opt.state[ref.W_enc]["exp_avg"])
+    assert not torch.equal(sae.log_threshold, ref.log_threshold.new_full((64,), __import__("math").log(0.05)))
 
 
 def test_config_file_and_flags(tmp_path):
@@ -189,7 +195,13 @@ def test_short_real_run_on_the_embedded_model(trained_run):
     assert saved["tokens"] == res["tokens"] > 3000
     # the resolved config is itself a valid --config that reproduces the run's settings
     again = train.parse_args(["--config", str(out / "train_config.json")])
-    assert train.run_config(again) == json.load(open(out / "train_config.json"))
+    saved = json.load(open(out / "train_config.json"))
+    assert train.run_config(again) == {k: v for k, v in saved.items() if k != "code"}
+    # ... and records the code it ran: the files' hash, and this checkout's commit
+    assert len(saved["code"]["files_sha256"]) == 64
+    if os.path.isdir(os.path.join(ROOT, ".git")):
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        assert saved["code"]["git_commit"] == head and isinstance(saved["code"]["git_dirty"], bool)
 
 
 def test_transcoder_trains_from_mlp_input_to_mlp_output(tiny_model_path, tmp_path):
