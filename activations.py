@@ -143,6 +143,16 @@ def hook_dims(model, hook_in: str, hook_out: str) -> tuple[int, int]:
     return x.shape[-1], y.shape[-1]
 
 
+def native_bf16(device: str) -> bool:
+    """Whether the device computes bf16 natively: a CUDA GPU that supports it, or a CPU with AMX or
+    AVX512_BF16. Elsewhere torch emulates bf16 matmuls, several times slower than fp32 ones."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    flags = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return dev.type == "cpu" and any(getattr(torch.cpu, f, lambda: False)() for f in flags)
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     """A TransformerBridge in eval mode with no gradients: the embedded model or any HF name/path."""
     from transformer_lens.model_bridge import TransformerBridge
@@ -203,13 +213,35 @@ def looks_local(name: str) -> bool:
             or ("/" in name and os.path.isdir(name.split("/")[0])))
 
 
+class WriteError(Exception):
+    """A file that could not be written (a full disk, a quota, a read-only folder), in one line."""
+
+
 def write_atomic(path: str, data):
     """Write data (str, bytes, or a function of an open binary file) to path under a temporary
-    name, then rename it: a crash leaves the old file or the new one, never half of one. The file
-    is made as the umask says."""
-    with open(path + ".tmp", "wb") as f:
-        data(f) if callable(data) else f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(path + ".tmp", path)
+    name of this process, then rename it: a crash leaves the old file or the new one, never half of
+    one, and two writers never share a temporary file. A write that fails removes its partial file
+    and raises WriteError. The file is made as the umask says."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            data(f) if callable(data) else f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        written, folder = os.path.getsize(tmp) if os.path.exists(tmp) else 0, os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0     # with the partial file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        cause = e if isinstance(e, OSError) else e.__context__   # torch.save wraps the OSError it met
+        if isinstance(cause, OSError) and cause.errno:
+            why = os.strerror(cause.errno).lower()
+        elif free < 2 ** 20:
+            why = "no space left on device"
+        else:
+            raise                                         # not a failed write: a bug, with its traceback
+        raise WriteError(f"cannot write {path}: {why} ({written:,} bytes written, {free:,} free); its "
+                         f"partial file is removed, the files written before it (the last checkpoint "
+                         f"among them) are intact") from None
 
 
 def local_folder(dataset: str) -> str:
@@ -226,11 +258,17 @@ def iter_texts(dataset: str, split: str = "train", text_column: str = "text"):
         if not files:
             raise ValueError(f"{dataset} holds no .txt, .txt.gz or .jsonl files")
         for path in files:
-            with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-                if ".jsonl" in path:
+            opener = gzip.open if path.endswith(".gz") else open
+            if ".jsonl" in path:
+                with opener(path, "rb") as f:         # lines as bytes: a bad byte is named by its offset
                     yield from _jsonl_texts(f, path, text_column)
-                else:
-                    yield f.read()
+                continue
+            with opener(path, "rt", encoding="utf-8") as f:
+                try:
+                    text = f.read()                   # decoded at once: the error's offset is the file's
+                except UnicodeDecodeError as e:
+                    raise _not_utf8(path, e) from None
+            yield text
         return
     import datasets
     try:
@@ -246,9 +284,22 @@ def iter_texts(dataset: str, split: str = "train", text_column: str = "text"):
             yield row[text_column]
 
 
+def _not_utf8(path: str, e: UnicodeDecodeError, offset: int = 0) -> ValueError:
+    """offset: of the bytes e.object in the (decompressed) file."""
+    where = f"byte {offset + e.start:,}" + (" of its decompressed text" if path.endswith(".gz") else "")
+    return ValueError(f"{path}: not UTF-8 text: {where} is {e.object[e.start:e.start + 1]!r}; re-encode "
+                      f"the file as UTF-8, or remove it")
+
+
 def _jsonl_texts(lines, path: str, text_column: str):
-    """The text_column of each JSON line; a bad line is an error that names it."""
-    for n, line in enumerate(lines, 1):
+    """The text_column of each JSON line (lines as bytes); a bad line is an error that names it."""
+    offset = 0                                        # of this line's first byte
+    for n, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e, offset) from None
+        offset += len(raw)
         if not line.strip():
             continue
         try:
@@ -497,9 +548,13 @@ def read_manifest(folder: str, expect: dict) -> dict:
     path = os.path.join(folder, "manifest.json")
     if not os.path.isdir(folder):
         raise ValueError(f"--activations {folder}: no such folder")
-    if not os.path.exists(path):
-        raise ValueError(f"--activations {folder}: no manifest.json, so the cache is incomplete "
-                         f"(its write was interrupted); delete it and cache again")
+    if not os.path.exists(path) and not glob.glob(os.path.join(glob.escape(folder), "shard_*.safetensors")):
+        raise ValueError(f"--activations {folder} is not an activation cache (it holds no manifest.json "
+                         f"and no shard_*.safetensors): give a folder that --cache-activations wrote, "
+                         f"or train on text with --dataset {folder}")
+    if not os.path.exists(path):                  # our shards and no manifest: the write was cut short
+        raise ValueError(f"--activations {folder}: shards but no manifest.json, so the cache is "
+                         f"incomplete (its write was interrupted); delete it and cache again")
     with open(path) as f:
         manifest = json.load(f)
     for key, want in expect.items():

@@ -298,6 +298,11 @@ class SAE(nn.Module):
         if config.get("format", 1) == 1:       # saved with W_enc as (d_in, d_sae)
             state["W_enc"] = state["W_enc"].T.contiguous()
         sae = SAE(**config["sae"], dtype=state["W_enc"].dtype, device=device)
+        want, have = ({k: tuple(v.shape) for k, v in d.items()} for d in (sae.state_dict(), state))
+        if want != have:              # files of two SAEs: say which tensors disagree, in one line
+            diff = [f"{k} {want.get(k)} vs {have.get(k)}" for k in sorted(want | have) if want.get(k) != have.get(k)]
+            raise ValueError(f"{folder}: config.json and sae.safetensors are not one SAE's (shapes of the "
+                             f"config vs the weights: {'; '.join(diff)})")
         sae.load_state_dict(state)
         return sae.eval()        # for inference: a forward in train mode moves BatchTopK's threshold
 

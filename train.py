@@ -11,12 +11,13 @@
     python train.py --activations cache/l15 --top-k 32        # train from them with no LM forward
 
 The config is one flat dataclass; every field is a flag (--act-fn, --top-k, ...); --help lists them.
-main() reads top to bottom: set up the processes, check the run folder, open the activation stream,
-initialise the SAE, train, save and evaluate.
+main() reads top to bottom: set up the processes, check the settings, then the run folder, open the
+activation stream, initialise the SAE, train, save and evaluate.
 """
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import glob
 import hashlib
 import itertools
@@ -54,9 +55,9 @@ class Config:
     # --- language model and text -------------------------------------------------------------
     model: str = acts.EMBEDDED_MODEL
     """LM to hook: the embedded SmolLM2-135M-Instruct (no network needed), or any HF name/path."""
-    model_dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
-    """dtype of the LM forward (bf16 is faster where the device computes it natively; the SAE trains
-    in --dtype)."""
+    model_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """dtype of the LM forward; auto = bfloat16 where the device computes it natively (a CUDA GPU
+    with bf16, a CPU with AMX or AVX512_BF16), else float32 (elsewhere bf16 is emulated, slowly)."""
     dataset: str = acts.EMBEDDED_DATASET
     """a folder of .txt/.txt.gz/.jsonl files (default: the bundled Austen novels) or an HF dataset."""
     dataset_split: str = "train"
@@ -97,8 +98,8 @@ class Config:
     """k of topk / batchtopk (mean L0 per token)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the SAE parameters."""
-    amp_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """autocast dtype of the SAE forward; parameters stay in --dtype."""
+    amp_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """autocast dtype of the SAE forward, auto as --model-dtype; parameters stay in --dtype."""
     grid_search_init_norm: bool = True
     """search the decoder-row norm with the lowest initial MSE (else rows start at norm 1)."""
     normalize_activations: bool = True
@@ -166,7 +167,8 @@ class Config:
 
     # --- output ------------------------------------------------------------------------------
     exp_result_path: str = "results/sae"
-    """folder for config.json, sae.safetensors, eval.json and checkpoints."""
+    """folder for config.json, sae.safetensors, eval.json and checkpoints (--resume: the folder resumed);
+    one run at a time (run.lock holds its PID)."""
     log_frequency: int = 50
     """steps between status lines."""
     checkpoint_every: int = 0
@@ -184,7 +186,7 @@ class Config:
     config: str | None = None
     """a .toml/.json/.yaml file of these fields; flags override it."""
     resume: str | None = None
-    """continue from a checkpoint file, or the latest one of a run folder."""
+    """continue from a checkpoint file, or the latest readable one of a run folder, writing there."""
     eval_only: str | None = None
     """evaluate this saved SAE folder on held-out text and exit."""
 
@@ -355,26 +357,43 @@ def code_version() -> dict:
 # leaves a broken "latest"
 
 
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint file, or the newest one in a run folder (or its checkpoints/ folder)."""
+def load_checkpoint(path: str, warn: bool = True) -> dict:
+    """A checkpoint file, or the newest readable one in a run folder (or its checkpoints/ folder):
+    a newest one cut short (a kill or a full disk mid-write) is passed over with a warning."""
     folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
     found = [path] if os.path.isfile(path) else glob.glob(os.path.join(glob.escape(folder), "step_*.pt"))
     if not found:
         raise FileNotFoundError(f"--resume {path}: no checkpoint there (expected step_*.pt files)")
-    file = max(found)                                    # the step number is zero-padded
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=False)
-        assert isinstance(ckpt, dict) and {"sae", "opt", "data", "config"} <= set(ckpt)
+    error = None
+    for file in sorted(found, reverse=True):             # newest first: the step number is zero-padded
+        try:
+            ckpt = torch.load(file, map_location="cpu", weights_only=False)
+            assert isinstance(ckpt, dict) and {"sae", "opt", "data", "config"} <= set(ckpt)
+        except Exception as e:                           # truncated, corrupt, or not ours
+            error = error or f"the checkpoint {file} cannot be read ({type(e).__name__}: {str(e)[:80]})"
+            continue
+        if error and warn:
+            print0(f"warning: {error}; resuming from the one before it, {file}", file=sys.stderr)
         return ckpt
-    except Exception as e:                               # truncated, corrupt, or not ours
-        raise ValueError(f"--resume {path}: the checkpoint {file} cannot be read "
-                         f"({type(e).__name__}: {str(e)[:80]})") from None
+    raise ValueError(f"--resume {path}: {error}")
+
+
+def resumed_folder(path: str) -> str:
+    """The run folder of --resume PATH: PATH, or the folder that a checkpoint file's checkpoints/
+    folder is in."""
+    folder = os.path.normpath(path) if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
 
 
 def save_checkpoint(folder: str, ckpt: dict, keep: int):
+    """The checkpoint, then only the newest `keep`. Checkpoints of later steps are of the history
+    this run resumed before (one it could not read, or those an explicit --resume FILE went back
+    from): this run writes its own."""
     os.makedirs(folder, exist_ok=True)
-    acts.write_atomic(os.path.join(folder, f"step_{ckpt['step']:09d}.pt"), lambda f: torch.save(ckpt, f))
-    for old in sorted(glob.glob(os.path.join(glob.escape(folder), "step_*.pt")))[:-keep]:
+    path = os.path.join(folder, f"step_{ckpt['step']:09d}.pt")
+    acts.write_atomic(path, lambda f: torch.save(ckpt, f))
+    saved = sorted(glob.glob(os.path.join(glob.escape(folder), "step_*.pt")))
+    for old in [f for f in saved if f > path] + [f for f in saved if f <= path][:-keep]:
         os.remove(old)
 
 
@@ -406,6 +425,19 @@ def print_eval(result: dict, title: str, folder: str | None = None):
 
 # -------------------------------------------------------------------------------------------------
 # the language model and its text
+
+
+def resolve_dtypes(cfg: Config, device: str) -> Config:
+    """--model-dtype and --amp-dtype auto: bfloat16 where the device computes it natively, else
+    float32 (float16 never by default). The run's files record the choice, not "auto": a resumed
+    run, or one from a cache, keeps the dtype its data was made in."""
+    auto = "bfloat16" if acts.native_bf16(device) else "float32"
+    chosen = {k: auto for k in ("model_dtype", "amp_dtype") if getattr(cfg, k) == "auto"}
+    if chosen:
+        native = "computes bf16 natively" if auto == "bfloat16" else "has no native bf16"
+        print0(f"dtypes: LM forward {chosen.get('model_dtype', cfg.model_dtype)}, SAE step "
+               f"{chosen.get('amp_dtype', cfg.amp_dtype)} (auto: this {device} {native})")
+    return dataclasses.replace(cfg, **chosen)
 
 
 def default_device(cfg: Config) -> str:
@@ -602,7 +634,9 @@ def parse_args(argv: list[str]) -> Config:
     evaluating a saved SAE (--eval-only)."""
     import tyro
     defaults = {}
-    for flag, reader in (("--resume", lambda p: load_checkpoint(p)["config"]),
+    # a resumed run writes into the folder it was given, never the one its checkpoint recorded
+    for flag, reader in (("--resume", lambda p: {**load_checkpoint(p, warn=False)["config"],
+                                                  "exp_result_path": resumed_folder(p)}),
                          ("--eval-only", saved_run_config), ("--config", read_config_file)):
         for i, a in enumerate(argv):
             if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
@@ -640,12 +674,37 @@ def end_processes(world: int):
         dist.destroy_process_group()
 
 
-def check_run_folder(cfg: Config, world: int) -> dict | None:
-    """The checkpoint to resume from, if any, checked against this run before the model loads. A
-    new run may not write into a folder that holds another run's checkpoints."""
+def lock_run_folder(folder: str):
+    """Rank 0: an advisory lock on folder/run.lock, which holds our PID, so that two runs never
+    write into one folder. It is held until this process ends, when the OS releases it, after a
+    kill too. A POSIX lock (lockf, not flock): it is the process's, so a process may run main()
+    twice in one folder, and network filesystems honour it."""
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, "run.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode().strip() or "unknown"
+        os.close(fd)
+        raise ValueError(f"{folder} is in use by another run (PID {holder}): let it end, or pick "
+                         f"another --exp-result-path") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())      # fd stays open: closing it would drop the lock
+
+
+def check_run_folder(cfg: Config, rank: int, world: int) -> dict | None:
+    """Lock the run folder, and return the checkpoint to resume from, if any, checked against this
+    run before the model loads. A new run may not write into a folder that holds another run's
+    checkpoints. The partial files of a killed write (*.tmp) are removed: under the lock, no
+    running process writes them."""
+    folder = glob.escape(cfg.exp_result_path)
+    if rank == 0:
+        lock_run_folder(cfg.exp_result_path)
+        for tmp in glob.glob(os.path.join(folder, "*.tmp")) + glob.glob(os.path.join(folder, "checkpoints", "*.tmp")):
+            os.remove(tmp)
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
-    ckpt_dir = os.path.join(cfg.exp_result_path, "checkpoints")
-    if not ckpt and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    resumed_here = ckpt and os.path.realpath(resumed_folder(cfg.resume)) == os.path.realpath(cfg.exp_result_path)
+    if not resumed_here and glob.glob(os.path.join(folder, "checkpoints", "step_*.pt")):
         raise ValueError(f"{cfg.exp_result_path} holds checkpoints of another run: continue it with "
                          f"--resume {cfg.exp_result_path}, or pick another --exp-result-path")
     if ckpt:
@@ -656,20 +715,28 @@ def check_run_folder(cfg: Config, world: int) -> dict | None:
     return ckpt
 
 
-def open_data(cfg: Config, rank: int, device: str):
-    """The LM, or a cache of its activations, and the widths of x and y, checked before the weights
-    load where they can be. From a cache the LM loads only where it evaluates during training: rank
-    0, with --eval-every (else at the end). Returns (model, drop_ids, d_in, d_out, manifest)."""
+def check_data(cfg: Config) -> dict | None:
+    """What can be checked before the weights load (and before the run folder is looked at: a bad
+    setting is reported as such, whatever the folder holds): the model, hooks, text and k, or the
+    cache, which says what it holds. Returns the cache's manifest (None: training from the LM)."""
     d_model = check_model_and_data(cfg)
-    if cfg.activations:                        # the cache says what it holds
-        manifest = acts.read_manifest(cfg.activations, {**{k: getattr(cfg, k) for k in CACHE_KEYS},
-                                                        "hook_point_out": cfg.hook_out})
-        model, drop_ids = load_lm(cfg, device) if cfg.eval_every and rank == 0 else (None, None)
-        return model, drop_ids, manifest["d_in"], manifest["d_out"], manifest
+    if cfg.activations:
+        return acts.read_manifest(cfg.activations, {**{k: getattr(cfg, k) for k in CACHE_KEYS},
+                                                    "hook_point_out": cfg.hook_out})
     if acts.is_d_model_wide(cfg.hook_point_in):
         check_k(cfg, cfg.expansion_factor * d_model)
+    return None
+
+
+def open_data(cfg: Config, manifest: dict | None, rank: int, device: str):
+    """The LM, or a cache of its activations, and the widths of x and y. From a cache the LM loads
+    only where it evaluates during training: rank 0, with --eval-every (else at the end).
+    Returns (model, drop_ids, d_in, d_out)."""
+    if manifest:
+        model, drop_ids = load_lm(cfg, device) if cfg.eval_every and rank == 0 else (None, None)
+        return model, drop_ids, manifest["d_in"], manifest["d_out"]
     model, drop_ids = load_lm(cfg, device)
-    return (model, drop_ids, *acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out), None)
+    return model, drop_ids, *acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out)
 
 
 def lm_chunks(cfg: Config, model, drop_ids, device: str, rank: int, world: int, start: dict, sae_only: bool):
@@ -944,9 +1011,11 @@ def save_and_evaluate(cfg: Config, sae: SAE, st: RunState, model, drop_ids, wand
 def main(cfg: Config) -> dict:
     """One training run: the held-out evaluation's results ({"stopped_at": step} after a signal)."""
     rank, world, device = setup_processes(cfg)
-    ckpt = check_run_folder(cfg, world)
+    cfg = resolve_dtypes(cfg, device)
+    manifest = check_data(cfg)
+    ckpt = check_run_folder(cfg, rank, world)
     wandb_run = start_wandb(cfg, ckpt) if rank == 0 and (cfg.wandb_project or cfg.exp_name) else None
-    model, drop_ids, d_in, d_out, manifest = open_data(cfg, rank, device)
+    model, drop_ids, d_in, d_out = open_data(cfg, manifest, rank, device)
     position = ckpt["data"][rank] if ckpt else {"next_context": 0, "outliers": 0, "mix": {}}
     batches = activation_stream(cfg, model, drop_ids, manifest, d_in, device, rank, world, position)
     sae, opt, st, batches = init_sae(cfg, d_in, d_out, device, world, batches, ckpt)
@@ -976,6 +1045,7 @@ def cache_main(cfg: Config) -> dict:
         raise ValueError(f"{cfg.cache_activations} already holds a complete cache; train from it "
                          f"with --activations {cfg.cache_activations}")
     device = default_device(cfg)
+    cfg = resolve_dtypes(cfg, device)
     check_model_and_data(cfg)
     model, drop_ids = load_lm(cfg, device)
     d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out)
@@ -1010,6 +1080,7 @@ def eval_only(cfg: Config) -> dict:
                              f"{reads} tokens of text; the run held out only its first {held_out} (the "
                              f"rest it trained on): ask for fewer, or give --eval-dataset")
     device = default_device(cfg)
+    cfg = resolve_dtypes(cfg, device)
     check_model_and_data(cfg, training=False)          # before the LM loads: its hooks, the held-out text
     model, drop_ids = load_lm(cfg, device)
     if (sae.d_in, sae.d_out) != acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out):
@@ -1029,7 +1100,7 @@ if __name__ == "__main__":
             cache_main(cfg)
         else:
             main(cfg)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:   # one line, no traceback
+    except (ValueError, FileNotFoundError, FloatingPointError, acts.WriteError) as e:   # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:     # before or after the training loop, which checkpoints first

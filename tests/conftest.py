@@ -32,11 +32,6 @@ def tiny_model(tiny_model_path):
 
 
 @pytest.fixture(scope="session")
-def embedded_model():
-    return acts.load_model(acts.EMBEDDED_MODEL, "bfloat16", "cpu")
-
-
-@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """One short real BatchTopK run on the embedded model and the bundled text, shared by the
     tests that check training, saving, conversion and downstream evaluation on real weights:

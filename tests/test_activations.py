@@ -167,6 +167,18 @@ def test_jsonl_folders_read_the_text_column_and_name_a_bad_line(tmp_path):
         list(acts.iter_texts(str(tmp_path)))
 
 
+def test_a_bad_byte_names_the_file_and_its_offset(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"fine text\n")
+    (tmp_path / "b.txt").write_bytes(b"abc\xa2def")
+    with pytest.raises(ValueError, match=r"b.txt: not UTF-8 text: byte 3 is b'\\xa2'"):
+        list(acts.iter_texts(str(tmp_path)))
+    (tmp_path / "b.txt").unlink()
+    # past the first block a text file reads: the offset is still the file's
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "one"}\n' * 1000 + b'{"text": "t\xa2o"}\n')
+    with pytest.raises(ValueError, match=r"c.jsonl: not UTF-8 text: byte 16,011 is b'\\xa2'"):
+        list(acts.iter_texts(str(tmp_path)))
+
+
 def test_max_norm_ratio_drops_outliers_and_counts_them(tiny_model):
     tok = tiny_model.tokenizer
     ctxs = list(acts.iter_contexts(lambda: texts(), tok, 16, passes=1))[:4]

@@ -83,3 +83,13 @@ def test_ranks_read_disjoint_equal_slices_and_each_pass_covers_every_token(tmp_p
         assert max(sizes) - min(sizes) <= 2 * 10                       # equal shares, +-1 row a shard
     resumed = next(acts.iter_cache(str(tmp_path), manifest, 7, 1, 3, start=3))
     assert resumed[0] == 3 and torch.equal(resumed[1], per_rank[1][3])
+
+
+def test_a_folder_that_is_not_a_cache_is_never_called_one(tmp_path):
+    # a folder of text given as --activations: said to be no cache, never "delete it"
+    with pytest.raises(ValueError, match="is not an activation cache") as e:
+        acts.read_manifest(acts.EMBEDDED_DATASET_DIR, {})
+    assert "delete" not in str(e.value) and "--cache-activations" in str(e.value)
+    (tmp_path / "shard_00000.safetensors").write_bytes(b"")           # our shards, no manifest
+    with pytest.raises(ValueError, match="cache is incomplete"):
+        acts.read_manifest(str(tmp_path), {})

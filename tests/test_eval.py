@@ -143,9 +143,9 @@ def test_trained_sae_beats_a_random_one_downstream(trained_run):
     saved = json.load(open(out / "eval.json"))
     assert set(res) - {"jumprelu"} <= set(saved) and saved["tokens"] > 3000
     assert json.load(open(out / "jumprelu" / "eval.json"))["l0"] == res["jumprelu"]["l0"]
-    model = acts.load_model(acts.EMBEDDED_MODEL, "bfloat16")
-    random_sae = SAE(576, 8 * 576, "batchtopk", 64)
     cfg = train.Config(**json.load(open(out / "config.json"))["train"])
+    model = acts.load_model(acts.EMBEDDED_MODEL, cfg.model_dtype)          # the run's own dtype
+    random_sae = SAE(576, 8 * 576, "batchtopk", 64)
     bad = train.evaluate(random_sae, model, cfg, acts.special_token_ids(model.tokenizer), "cpu")
     assert bad["delta_lm_loss"] > 10 * res["delta_lm_loss"]
     assert bad["ce_loss_recovered"] < res["ce_loss_recovered"] - 0.3

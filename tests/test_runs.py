@@ -2,8 +2,11 @@
 text): SIGKILL + resume reproduces the uninterrupted run, SIGTERM checkpoints and exits 0, and a
 2-process torchrun (gloo) trains, resumes, and agrees with a 1-process run."""
 import glob
+import json
 import os
 import random
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +48,18 @@ def checkpoints(out):
     return sorted(glob.glob(os.path.join(out, "checkpoints", "step_*.pt")))
 
 
+def run_folder_in_cmdline(pid: str, out) -> bool:
+    """Whether process pid is a live train.py writing into the run folder out."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().decode(errors="replace").split("\0")
+        with open(f"/proc/{pid}/stat") as f:
+            zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+    return not zombie and "train.py" in args and str(out) in args
+
+
 def kill_at_a_checkpoint(argv, out, target, torchrun=False):
     """Start a run, SIGKILL its whole process group once a checkpoint at step >= target exists."""
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -60,6 +75,15 @@ def kill_at_a_checkpoint(argv, out, target, torchrun=False):
     assert p.poll() is None, "the run ended before it could be killed"
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
+    # torchrun starts each worker in a session of its own, out of reach of the group's kill: kill
+    # them too, as a scheduler kills a job's every process, and wait until they are gone
+    while pids := [pid for pid in os.listdir("/proc") if pid.isdigit() and run_folder_in_cmdline(pid, out)]:
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
     return max(int(os.path.basename(c)[5:14]) for c in checkpoints(out))
 
 
@@ -145,10 +169,13 @@ def test_resume_errors_are_one_line_and_destroy_nothing(tiny_model_path, tmp_pat
     out = tmp_path / "run"
     run(args_for(tiny_model_path, out, "--checkpoint-every", "20", steps=40))
     before = weights(out)
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("Other text to evaluate on.")
     for extra, msg in ((["--resume", str(tmp_path / "nothing")], "no checkpoint"),
                        (["--resume", str(out), "--expansion-factor", "4"], "different run"),
                        (["--resume", str(out), "--max-norm-ratio", "10"], "max_norm_ratio: checkpoint None"),
-                       (["--resume", str(out), "--eval-dataset", str(tmp_path)], "eval_dataset: checkpoint None"),
+                       (["--resume", str(out), "--eval-dataset", str(tmp_path / "text")],
+                        "eval_dataset: checkpoint None"),
                        ([], "holds checkpoints of another run")):
         r = subprocess.run([sys.executable, "train.py", *args_for(tiny_model_path, out, steps=40), *extra],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -197,3 +224,109 @@ def test_torchrun_trains_from_a_cache_with_checkpoints(tiny_model_path, tmp_path
     assert len(ckpt["data"]) == 2 and ckpt["data"][0]["next_context"] == ckpt["data"][1]["next_context"]
     for buf in (d["mix"]["buf"] for d in ckpt["data"]):   # a compact CPU copy, not a view of the buffer
         assert buf.device.type == "cpu" and buf.untyped_storage().nbytes() == buf.numel() * buf.element_size()
+
+
+def test_a_resume_writes_into_the_folder_it_was_given(tiny_model_path, tmp_path):
+    # a run folder moved (here, copied) and resumed: its checkpoint records the old folder, which a
+    # resume must neither rewrite nor prune
+    old, new = tmp_path / "old", tmp_path / "new"
+    run(args_for(tiny_model_path, old, "--checkpoint-every", "10", steps=20))
+    shutil.copytree(old, new)
+    os.remove(new / "train_config.json")
+    files = sorted(glob.glob(os.path.join(old, "**"), recursive=True))
+    before = {f: (os.stat(f).st_mtime_ns, open(f, "rb").read()) for f in files if os.path.isfile(f)}
+    r = run(["--resume", str(new)])
+    assert "resumed from step 20" in r.stdout
+    assert sorted(glob.glob(os.path.join(old, "**"), recursive=True)) == files
+    assert {f: (os.stat(f).st_mtime_ns, open(f, "rb").read()) for f in before} == before
+    for name in ("train_config.json", "sae.safetensors", "config.json", "eval.json"):
+        assert os.stat(new / name).st_mtime_ns > max(m for m, _ in before.values()), name
+    assert json.load(open(new / "train_config.json"))["exp_result_path"] == str(new)
+
+
+def test_a_killed_write_and_a_cut_short_checkpoint_resume_from_the_last_good_one(tiny_model_path, tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    argv = args_for(tiny_model_path, cut, "--checkpoint-every", "10")
+    run(args_for(tiny_model_path, ref))
+    at = kill_at_a_checkpoint(argv, cut, 20)
+    *_, good, newest = checkpoints(cut)
+    data = open(newest, "rb").read()
+    open(newest, "wb").write(data[:len(data) // 2])                    # cut short
+    # a process SIGKILLed while it writes the next checkpoint leaves its partial file
+    partial = os.path.join(cut, "checkpoints", f"step_{at + 10:09d}.pt")
+    code = (f"import time, activations as a; a.write_atomic({partial!r}, "
+            "lambda f: (f.write(bytes(4096)), f.flush(), time.sleep(120)))")
+    writer = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    while not glob.glob(partial + ".*.tmp"):
+        assert writer.poll() is None
+        time.sleep(0.05)
+    writer.kill()
+    writer.wait()
+    r = run(argv + ["--resume", str(cut)])
+    warning = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and f"{newest} cannot be read" in warning[0] and good in warning[0], r.stderr[-2000:]
+    assert f"resumed from step {at - 10}" in r.stdout
+    assert not glob.glob(os.path.join(cut, "**", "*.tmp"), recursive=True)
+    assert max_diff(weights(ref), weights(cut)) == 0.0                 # exact, from the good one
+    assert [os.path.basename(c) for c in checkpoints(cut)] == ["step_000000050.pt", "step_000000060.pt"]
+    # a folder holding only the partial file of a first checkpoint: a new run may use it (and removes
+    # the file); --resume finds no checkpoint there
+    only = tmp_path / "only"
+    os.makedirs(only / "checkpoints")
+    (only / "checkpoints" / "step_000000003.pt.4242.tmp").write_bytes(bytes(100))
+    assert train.check_run_folder(train.Config(exp_result_path=str(only)), 0, 1) is None
+    assert os.listdir(only / "checkpoints") == []
+
+
+def test_a_second_run_into_a_folder_in_use_stops_at_once_naming_the_first(tiny_model_path, tmp_path):
+    out = tmp_path / "run"
+    argv = args_for(tiny_model_path, out, "--checkpoint-every", "5", steps=5000)
+    first = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        while not checkpoints(out):
+            assert first.poll() is None
+            time.sleep(0.05)
+        for extra in ([], ["--resume", str(out)]):                    # a new run, or a resume
+            r = subprocess.run([sys.executable, "train.py", *argv, *extra], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120)
+            assert r.returncode == 2 and f"is in use by another run (PID {first.pid})" in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    # killed, the first run holds the folder no longer: the same command now reaches the next check
+    r = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "holds checkpoints of another run" in r.stderr, r.stderr
+
+
+def test_a_full_disk_stops_with_one_line_and_leaves_no_partial_file(tiny_model_path, tmp_path):
+    """A checkpoint that does not fit: on a 3 MB tmpfs filled to its last 64 KB where this process
+    may mount one (root), else under a 64 KB file-size limit (the write fails with EFBIG; SIGXFSZ,
+    which would kill the process, ignored)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = bool(shutil.which("mount")) and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode == 0
+
+    def file_size_limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        if mounted:
+            (disk / "filler").write_bytes(bytes(shutil.disk_usage(disk).free - 64 * 1024))
+        out = disk / "run"
+        r = subprocess.run([sys.executable, "train.py", *args_for(tiny_model_path, out, "--checkpoint-every", "5")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           preexec_fn=None if mounted else file_size_limit)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        line = r.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: cannot write {out / 'checkpoints' / 'step_000000005.pt'}: "
+                               + ("no space left on device" if mounted else "file too large")), line
+        assert "partial file is removed" in line and "last checkpoint" in line
+        assert not glob.glob(os.path.join(out, "**", "*.tmp"), recursive=True)
+        assert os.path.exists(out / "train_config.json")              # written before it: intact
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)])

@@ -548,6 +548,12 @@ def test_fast_paths_give_the_plain_paths_outputs_and_gradients(act_fn, path, tra
 def test_load_of_a_wrong_folder_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         SAE.load(tmp_path)
+    # the config of one SAE beside the weights of another: one line naming the tensors that disagree
+    SAE(16, 64, "topk", 4).save(str(tmp_path / "a"))
+    SAE(16, 128, "topk", 4).save(str(tmp_path / "b"))
+    os.replace(tmp_path / "b" / "sae.safetensors", tmp_path / "a" / "sae.safetensors")
+    with pytest.raises(ValueError, match=r"not one SAE's .*W_enc \(64, 16\) vs \(128, 16\)"):
+        SAE.load(tmp_path / "a")
 
 
 def dense_reference(sae, x, k, batch=False):

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import activations as acts
 import train
 from sae import SAE
 
@@ -52,6 +53,17 @@ def run_train(*args, timeout=600, env=None):
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+    """A run folder as a stopped run leaves it, with checkpoints: the tests of bad settings run into
+    it (never into the checkout's results/), and each setting must be reported as such before the
+    run folder is looked at."""
+    out = tmp_path_factory.mktemp("interrupted")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "step_000000003.pt").write_bytes(b"a checkpoint")
+    return str(out)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--act-fn", "gelu"], "act-fn"),
     (["--top-k", "0"], "--top-k must be >= 1"),
@@ -76,8 +88,8 @@ def run_train(*args, timeout=600, env=None):
     (["--model", "nobody/no-such-model"], "model 'nobody/no-such-model' cannot be read"),
     (["--dataset", "nobody/no-such-dataset"], "dataset 'nobody/no-such-dataset' cannot be read"),
 ])
-def test_bad_input_fails_fast_with_one_line(args, message):
-    r = run_train(*args, timeout=60)
+def test_bad_input_fails_fast_with_one_line(args, message, interrupted_run):
+    r = run_train(*args, "--exp-result-path", interrupted_run, timeout=60)
     assert r.returncode == 2
     assert message in r.stderr
     assert "Loading weights" not in r.stderr and "Traceback" not in r.stderr
@@ -92,17 +104,18 @@ def test_wandb_without_a_login_fails_before_the_model_loads(tmp_path):
     assert "Loading weights" not in r.stderr and "Traceback" not in r.stderr
 
 
-def test_a_wrong_text_column_fails_before_the_model_loads(tmp_path):
+def test_a_wrong_text_column_fails_before_the_model_loads(tmp_path, interrupted_run):
     (tmp_path / "a.jsonl").write_text('{"content": "It is a truth universally acknowledged."}\n')
-    r = run_train("--dataset", str(tmp_path), timeout=60)
+    r = run_train("--dataset", str(tmp_path), "--exp-result-path", interrupted_run, timeout=60)
     assert r.returncode == 2 and "has no key 'text'" in r.stderr and "--text-column" in r.stderr
     assert "Loading weights" not in r.stderr and "Traceback" not in r.stderr
     r = run_train("--exp-result-path", "README.md", timeout=60)
     assert r.returncode == 2 and "--exp-result-path README.md: not a folder" in r.stderr
 
 
-def test_batch_size_must_divide_over_processes():
-    r = run_train("--batch-size", "1001", env={"WORLD_SIZE": "2", "RANK": "0"}, timeout=60)
+def test_batch_size_must_divide_over_processes(tmp_path):
+    r = run_train("--batch-size", "1001", "--exp-result-path", str(tmp_path),
+                  env={"WORLD_SIZE": "2", "RANK": "0"}, timeout=60)
     assert r.returncode == 2 and "not divisible by the 2 processes" in r.stderr
 
 
@@ -196,6 +209,7 @@ def test_short_real_run_on_the_embedded_model(trained_run):
     # the resolved config is itself a valid --config that reproduces the run's settings
     again = train.parse_args(["--config", str(out / "train_config.json")])
     saved = json.load(open(out / "train_config.json"))
+    assert saved["model_dtype"] in ("float32", "bfloat16") and saved["amp_dtype"] != "auto"   # the choice
     assert train.run_config(again) == {k: v for k, v in saved.items() if k != "code"}
     # ... and records the code it ran: the files' hash, and this checkout's commit
     assert len(saved["code"]["files_sha256"]) == 64
@@ -323,3 +337,16 @@ def test_the_bundled_text_is_recorded_by_name_and_read_from_any_directory(tmp_pa
     files = sorted(f for f in os.listdir(acts.EMBEDDED_DATASET_DIR) if f.endswith(".txt.gz"))
     with gzip.open(os.path.join(acts.EMBEDDED_DATASET_DIR, files[0]), "rt", encoding="utf-8") as f:
         assert next(acts.iter_texts(c.dataset)) == f.read()
+
+
+def test_auto_dtypes_pick_bf16_only_where_it_is_native(monkeypatch, capsys):
+    """--model-dtype / --amp-dtype auto: bfloat16 on a device that computes it natively, else
+    float32, printed; an explicit value is obeyed. native_bf16 follows the CPU's flags."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    assert acts.native_bf16("cpu") == any(f in flags.split() for f in ("amx_tile", "amx_bf16", "avx512_bf16"))
+    for native, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(acts, "native_bf16", lambda device: native)
+        c = train.resolve_dtypes(cfg(), "cpu")
+        assert (c.model_dtype, c.amp_dtype) == (want, want) and f"LM forward {want}" in capsys.readouterr().out
+        c = train.resolve_dtypes(cfg(model_dtype="float16", amp_dtype="float32"), "cpu")
+        assert (c.model_dtype, c.amp_dtype) == ("float16", "float32")
