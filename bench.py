@@ -1,38 +1,63 @@
-"""Benchmarks of nanoSAE: one table per section, every time the median of several repeats after
-warmup, with the ratios that matter, and a compact summary of them at the end.
+"""Benchmarks of nanoSAE: one table per section, each figure the median of several repeats after
+warmup, with the ratios that matter, and a summary of them at the end.
 
-    python bench.py                      # everything (cuda if present, else cpu: 6-9 min on 2 cores)
-    python bench.py --quick              # small shapes, few repeats: checks that it all runs (1-3 min)
-    python bench.py --device cpu --sections matmul,sae
+    python bench.py                             # every section (cuda if present, else cpu)
+    python bench.py --quick                     # small shapes, few repeats: checks that it all runs
+    python bench.py --markdown BENCHMARKS.md    # the same, also written as Markdown under a
+                                                # description of the machine it ran on
+    python bench.py --device cpu --sections matmul,sae --dtypes fp32,bf16
 
-1. matmul  GFLOP/s of x (B, d) @ W (d, m) in fp32 and bf16 at the SAE's shapes: the roofline.
+Speed depends on the machine more than on anything here, so every figure is only as good as the
+description of the machine beside it: the CPU and whether it computes bf16 natively, the GPU, the
+torch version, how busy the machine was. Each section times fp32, and bf16 where the device
+computes it natively (a CUDA GPU with bf16, a CPU with AMX or AVX512_BF16: activations.native_bf16,
+the rule train.py's auto dtypes follow). Elsewhere torch emulates bf16 at a fraction of fp32's
+speed: no one should train that way, and timing it would take most of the bench's time
+(--dtypes fp32,bf16 times it anyway).
+
+1. matmul  GFLOP/s of the encoder's matmul, x (B, d) @ W_enc.T with W_enc (m, d) as sae.py stores
+           it, at the SAE's shapes: the roofline of a step.
 2. sae     tokens/s and achieved GFLOP/s of nanoSAE's own training step (sae.SAE forward, MSE, the
-           sparsity penalty for relu/jumprelu, backward, Adam: train.py's step without AuxK) per
-           act_fn, in fp32 and under autocast bf16, next to a plain dense TopK step measured in the
-           same run (x @ W_enc + b, topk of relu, dense f @ W_dec + b): the ratio nanoSAE/dense
-           (the median over rounds of the steps taking turns), and each step's bf16/fp32. The
-           bound on a step that runs the encoder's forward matmul in its dtype: that matmul alone,
-           at the roofline, over the reference (fp32 topk and batchtopk on a CPU with AMX run it
-           in bf16 and recompute in fp32 only what the selection needs, so they can pass it).
-           GFLOP/s counts the FLOPs of the step's dtype; "of roof" compares them with its roofline.
-           relu and jumprelu are timed at L0 = k, as a trained SAE fires (sae.py's sparse path),
-           and fresh, where about half the latents fire (its dense path); each also next to a
-           plain dense step of its own act_fn and penalty (relu with l1; JumpReLU with the paper's
-           straight-through estimator and the tanh penalty), which works the same at any L0.
+           sparsity penalty for relu/jumprelu, backward, fused Adam over sae.param_groups as
+           train.py builds it: train.py's step without AuxK) per act_fn and dtype, next to a plain
+           dense TopK step measured in the same run (x @ W_enc.T + b, topk of relu, dense
+           f @ W_dec + b): the ratio nanoSAE/dense (the median over rounds of the steps taking
+           turns), and each step's bf16/fp32. The bound on a step that runs the encoder's forward
+           matmul in its dtype: that matmul alone, at the roofline, over the reference (fp32 topk
+           and batchtopk on a CPU with AMX select on a bf16 estimate and recompute in fp32 only what
+           the selection needs, so they can pass it). GFLOP/s counts the FLOPs of the step's dtype;
+           "of roof" compares them with its roofline. relu and jumprelu are timed at L0 = k, as a
+           trained SAE fires (sae.py's sparse path), and fresh, where about half the latents fire
+           (its dense path); each also next to a plain dense step of its own act_fn and penalty
+           (relu with l1; JumpReLU with sae.PlainJumpReLU's straight-through estimator and the
+           tanh penalty), which costs the same at any L0.
 3. lm      activation tokens/s of activations.iter_activations (TransformerBridge, stopping after
-           blocks.15.hook_resid_post) on real Austen contexts, fp32 and bf16, next to a raw HF
-           forward of the same 16 decoder layers: the ratio bridge/raw.
-4. train   end-to-end tokens/s of a short train.main run (LM + mixing buffer + SAE step), read
-           from its log.jsonl; and, where train.py has its activation cache, of the same run
-           trained from a cache that train.cache_main wrote (no LM while training). Then the
-           held-out evaluation of the SAE it saved (train.evaluate: three LM forwards, EV, L0,
-           the next-token losses and KL) in tokens/s.
+           blocks.15.hook_resid_post) on real Austen contexts, as many and as long per forward as
+           train.py's defaults, next to a raw HF forward of the same 16 decoder layers: the ratio
+           bridge/raw.
+4. train   train.py as a user runs it, each time in a process of its own, at its defaults (its
+           dtypes included) but for the length of the run and of its evaluation (--quick shrinks
+           the batches too). End-to-end tokens/s (LM + mixing buffer + SAE step) read from the
+           log.jsonl of a short run; the same run trained from an activation cache that a
+           --cache-activations process wrote first (no LM while training); and a --eval-only
+           process on the SAE the first run saved, timed whole: Python's start, the imports and
+           the LM load are part of what a user waits for, and the smaller the evaluation, the
+           larger their share. With section 3, how close the streaming run comes to what its two
+           parts allow run one after the other, 1 / (1/LM + 1/cached): the LM forward of section
+           3, the cached run for all the rest (measured minutes apart: on a busy machine the ratio
+           can pass 100%).
 """
 import argparse
+import datetime
+import hashlib
 import json
 import math
 import os
+import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -41,14 +66,115 @@ import torch.nn.functional as F
 import transformers
 
 import activations as acts
-import train
-from sae import SAE, TANH_C
+from sae import SAE, TANH_C, PlainJumpReLU, keep_freed_memory
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 HOOK = "blocks.15.hook_resid_post"
+CONTEXT = 128               # tokens per context, as train.py's default: section 3 times the LM as it runs
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ACT_FNS = ("relu", "jumprelu", "topk", "batchtopk")
 FRESH = ("relu fresh", "jumprelu fresh")        # at a fresh SAE's L0 (~m/2): sae.py's dense path
 REFS = ("dense topk (ref)", "plain relu", "plain jumprelu")     # dense_step's
+
+
+# --- the machine, and the report -----------------------------------------------------------------
+
+
+def cpu_info() -> tuple[str, list[str] | None]:
+    """The CPU's model name and the bf16 instructions /proc/cpuinfo lists for it (amx_bf16 and
+    avx512_bf16 on x86, bf16 on Arm); None for those where there is no /proc/cpuinfo to ask."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine(), None
+    info = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    name = info.get("model name") or info.get("Model") or platform.processor() or platform.machine()
+    flags = (info.get("flags") or info.get("Features") or "").split()
+    return name, [f for f in flags if f in ("amx_bf16", "avx512_bf16", "bf16")]
+
+
+def code_version() -> str:
+    """A hash of the code the figures measure, and where it is in git: the commit, and whether the
+    tracked files differ from it (then the hash tells two versions apart)."""
+    digest = hashlib.sha256()
+    for name in ("activations.py", "sae.py", "train.py", "bench.py"):
+        with open(os.path.join(HERE, name), "rb") as f:
+            digest.update(f.read())
+    files = f"sha256 {digest.hexdigest()[:12]} of activations.py, sae.py, train.py, bench.py"
+    git = ["git", "-C", HERE, "-c", "safe.directory=*"]
+    try:
+        commit, dirty = (subprocess.run(git + args, capture_output=True, text=True, check=True, timeout=10).stdout
+                         for args in (["rev-parse", "--short", "HEAD"], ["status", "--porcelain", "-uno"]))
+    except (OSError, subprocess.SubprocessError):             # no git, or not a repository
+        return files
+    return f"git {commit.strip()}" + (" with uncommitted changes" if dirty.strip() else "") + f"; {files}"
+
+
+def machine(a) -> list[str]:
+    """What the figures depend on, one line each: the header of the console output and of the
+    Markdown file."""
+    cpu, bf16 = cpu_info()
+    native = ("unknown (no /proc/cpuinfo)" if bf16 is None else "yes, " + ", ".join(bf16) if bf16 else
+              "no (/proc/cpuinfo lists none of amx_bf16, avx512_bf16, bf16)")
+    lines = [f"CPU: {cpu}, {os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads",
+             f"CPU native bf16: {native}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}"]
+    if torch.cuda.is_available():
+        used = a.device.startswith("cuda")
+        lines.append(f"GPU: {torch.cuda.get_device_name(a.device if used else 0)}, CUDA {torch.version.cuda}, "
+                     f"native bf16 {'yes' if acts.native_bf16('cuda') else 'no'}" + ("" if used else ", not used"))
+    else:
+        lines.append("GPU: none")
+    lines += [f"device {a.device}; torch {torch.__version__}, transformers {transformers.__version__}, "
+              f"Python {platform.python_version()}, {platform.system()} {platform.release()}",
+              f"date: {datetime.datetime.now().astimezone().isoformat(timespec='minutes')}",
+              f"command: {shlex.join(['python', *sys.argv])}",
+              f"code: {code_version()}",
+              # other processes on the machine skew every figure: the load average says how busy it was
+              f"load average at the start: {os.getloadavg()[0]:.1f}",
+              "dtypes timed: " + ", ".join(a.dtypes) + ("" if a.native_bf16 else
+                                                        " (bf16 is not native here: --dtypes fp32,bf16 times it)")]
+    return lines + (["quick: small shapes and few repeats, a check that everything runs, not a measurement"]
+                    if a.quick else [])
+
+
+class Report:
+    """Prints the bench's output and keeps the same as Markdown, for --markdown."""
+
+    def __init__(self):
+        self.md: list[str] = []
+
+    def section(self, title: str):
+        print(f"== {title} ==")
+        self.md.append(f"## {title}")
+
+    def say(self, text: str):
+        print(text)
+        self.md.append(text)
+
+    def table(self, header: list[str], rows: list[list]):
+        cells = [header] + [[f"{c:,.1f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+        for i, r in enumerate(cells):
+            print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+            if i == 0:
+                print("  ".join("-" * w for w in widths))
+        print()
+        self.md.append("\n".join(["| " + " | ".join(r) + " |" for r in cells[:1]] +
+                                 ["|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"] +
+                                 ["| " + " | ".join(r) + " |" for r in cells[1:]]))
+
+    def summary(self, lines: list[str]):
+        print("== summary ==\n" + "\n".join(lines))
+        self.md += ["## Summary", "\n".join(f"- {line}" for line in lines)]
+
+    def write(self, path: str, header: list[str]):
+        text = "\n\n".join(["# nanoSAE benchmarks", "\n".join(f"- {line}" for line in header)] + self.md)
+        with open(path, "w") as f:
+            f.write(text + "\n")
 
 
 def timeit(fns: list, device: str, warmup: int, repeats: int) -> list[list[float]]:
@@ -71,48 +197,33 @@ def timeit(fns: list, device: str, warmup: int, repeats: int) -> list[list[float
     return times
 
 
-def table(header: list[str], rows: list[list]):
-    cells = [header] + [[f"{c:,.1f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for i, r in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-    print()
-
-
 # --- 1. matmul roofline --------------------------------------------------------------------------
 
 
-def bench_matmul(a) -> dict:
+def bench_matmul(a, out: Report) -> dict:
     roof, rows = {}, []
     for m in (e * a.d for e in a.expansions):
-        for name, dt in DTYPES.items():
-            x, W = (torch.randn(*shape, dtype=dt, device=a.device) for shape in ((a.batch, a.d), (a.d, m)))
-            t = statistics.median(timeit([lambda: x @ W], a.device, *a.reps)[0])
+        for name in a.dtypes:
+            x, W = (torch.randn(*shape, dtype=DTYPES[name], device=a.device) for shape in ((a.batch, a.d), (m, a.d)))
+            t = statistics.median(timeit([lambda: x @ W.T], a.device, *a.reps)[0])
             roof[m, name] = 2 * a.batch * a.d * m / t / 1e9
-        rows.append([f"({a.batch}, {a.d}) @ ({a.d}, {m})", roof[m, "fp32"], roof[m, "bf16"],
-                     f"{roof[m, 'bf16'] / roof[m, 'fp32']:.2f}x"])
-    table(["shape", "fp32 GFLOP/s", "bf16 GFLOP/s", "bf16/fp32"], rows)
+        rows.append([f"({a.batch}, {a.d}) @ ({m}, {a.d}).T"] + [roof[m, name] for name in a.dtypes] +
+                    ([f"{roof[m, 'bf16'] / roof[m, 'fp32']:.2f}x"] if len(a.dtypes) == 2 else []))
+    out.table(["shape"] + [f"{name} GFLOP/s" for name in a.dtypes] + ["bf16/fp32"] * (len(a.dtypes) == 2), rows)
     return roof
 
 
 # --- 2. SAE training step: nanoSAE per act_fn vs a dense TopK reference --------------------------
 
 
-def adam_step(params, loss_fn, autocast, sae: SAE | None = None):
-    """One training step: loss_fn() under autocast, backward, Adam: train.py's (train.make_adam)
-    for an SAE, torch's default one for the reference."""
-    opt, W_enc_T = train.make_adam(sae, 1e-4, 1.0) if sae else (torch.optim.Adam(params, lr=1e-4), None)
-
+def adam_step(params: list, loss_fn, autocast, opt):
+    """One training step: loss_fn() under autocast, backward, opt.step()."""
     def step():
         with autocast:
             loss = loss_fn()
         for p in params:
             p.grad = None
         loss.backward()
-        if sae:
-            W_enc_T.grad = sae.W_enc.grad.T
         opt.step()
     return step
 
@@ -128,13 +239,16 @@ def sae_step(a, act_fn: str, m: int, x, autocast):
         # A fresh relu / jumprelu SAE fires on about half of its latents; a trained one on ~k per
         # token, where sae.py takes its sparse path. Time that regime, as most of a run is: shift
         # b_enc (relu) or set the thresholds (jumprelu) so that every latent fires on k/m of the
-        # tokens, L0 = k.
+        # tokens, L0 = k. The contributions c = h * ||W_dec[i]||, from the weights.
         with torch.no_grad():
-            c_q = sae.encode(x).c_BM.float().kthvalue(len(x) - len(x) * a.k // m, dim=0).values
+            n_M = sae.W_dec.norm(dim=1)
+            c_BM = ((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc) * n_M
+            c_q = c_BM.kthvalue(len(x) - len(x) * a.k // m, dim=0).values
             if act_fn == "relu":
-                sae.b_enc -= c_q / sae.W_dec.norm(dim=1)
+                sae.b_enc -= c_q / n_M
             else:
                 sae.log_threshold.copy_(c_q.clamp(min=1e-3).log())
+    opt = torch.optim.Adam(sae.param_groups(1.0), lr=1e-4, betas=(0.9, 0.999), fused=True)   # train.py's
 
     def loss_fn():
         y_hat, code = sae(x)
@@ -146,24 +260,7 @@ def sae_step(a, act_fn: str, m: int, x, autocast):
         with autocast:
             code = sae(x)[1]
         return code.nnz_per_token().mean().item(), code.f_BM is None
-    return adam_step(list(sae.parameters()), loss_fn, autocast, sae), l0_and_path
-
-
-class PlainJumpReLU(torch.autograd.Function):
-    """The textbook JumpReLU, f = h H(h - theta), with the paper's straight-through estimator for
-    theta (Rajamanoharan et al. 2024): dL/dtheta = sum_batch dL/df (-theta / eps) 1[|h - theta| < eps/2]."""
-
-    @staticmethod
-    def forward(ctx, h, theta, eps):
-        ctx.save_for_backward(h, theta)
-        ctx.eps = eps
-        return h * (h > theta)
-
-    @staticmethod
-    def backward(ctx, g):
-        h, theta = ctx.saved_tensors
-        window = ((h - theta).abs() < ctx.eps / 2).to(g.dtype)
-        return g * (h > theta), (g * window).sum(0) * (-theta / ctx.eps), None
+    return adam_step(list(sae.parameters()), loss_fn, autocast, opt), l0_and_path
 
 
 def dense_step(a, act_fn: str, m: int, x, autocast):
@@ -171,27 +268,31 @@ def dense_step(a, act_fn: str, m: int, x, autocast):
     dense matmul, plain autograd, torch's default Adam). "topk": the textbook TopK SAE, the
     reference of every row (the code scattered into a zero (B, m) matrix, m*d per token where
     nanoSAE's sparse decode, an embedding_bag, costs k*d). "relu" and "jumprelu": the same
-    act_fn and penalty as nanoSAE's step (l1, and tanh with JumpReLU's straight-through
-    estimator), its like-for-like reference."""
-    W_enc = (torch.randn(a.d, m, device=a.device) / a.d ** 0.5).requires_grad_()
-    W_dec = W_enc.detach().T.clone().requires_grad_()
+    act_fn and penalty as nanoSAE's step (l1 on f * n; JumpReLU of the contributions c = h * n
+    with sae.PlainJumpReLU's straight-through estimator, and tanh), its like-for-like reference."""
+    W_enc = (torch.randn(m, a.d, device=a.device) / a.d ** 0.5).requires_grad_()     # (m, d)
+    W_dec = W_enc.detach().clone().requires_grad_()                                 # (m, d)
     b_enc, b_dec = (torch.zeros(n, device=a.device, requires_grad=True) for n in (m, a.d))
     log_theta = torch.full((m,), math.log(0.1), device=a.device, requires_grad=True)
     params = [W_enc, b_enc, W_dec, b_dec] + [log_theta] * (act_fn == "jumprelu")
 
     def loss_fn():
-        h_BM = x @ W_enc + b_enc
+        h_BM = x @ W_enc.T + b_enc
         if act_fn == "topk":
             vals, idx = F.relu(h_BM).topk(a.k, dim=-1)
             f_BM = torch.zeros_like(h_BM).scatter(-1, idx, vals)
+        elif act_fn == "relu":
+            f_BM = F.relu(h_BM)
+            a_BM = f_BM * W_dec.norm(dim=1)                            # the contributions
         else:
-            f_BM = F.relu(h_BM) if act_fn == "relu" else PlainJumpReLU.apply(h_BM, log_theta.exp(), 0.1)
+            n_M = W_dec.norm(dim=1)
+            a_BM = PlainJumpReLU.apply(h_BM * n_M, log_theta.exp(), 0.1)
+            f_BM = a_BM / n_M
         loss = (f_BM @ W_dec + b_dec - x).float().pow(2).sum(-1).mean()
         if act_fn != "topk":
-            contrib = f_BM * W_dec.norm(dim=1)
-            loss = loss + 5e-3 * (contrib if act_fn == "relu" else torch.tanh(TANH_C * contrib)).sum(-1).mean()
+            loss = loss + 5e-3 * (a_BM if act_fn == "relu" else torch.tanh(TANH_C * a_BM)).sum(-1).mean()
         return loss
-    return adam_step(params, loss_fn, autocast)
+    return adam_step(params, loss_fn, autocast, torch.optim.Adam(params, lr=1e-4))
 
 
 def step_flops(B: int, d: int, m: int, l0: float | None) -> float:
@@ -208,15 +309,15 @@ def paired(ref_ts: list[float], ts: list[float]) -> float:
     return statistics.median(r / s for r, s in zip(ref_ts, ts))
 
 
-def bench_sae(a, roof: dict) -> tuple[dict, dict, dict]:
+def bench_sae(a, roof: dict, out: Report) -> tuple[dict, dict, dict]:
     """The table; returns {(step, expansion, dtype): nanoSAE/dense topk}, {...: tokens/s} and, for
     relu and jumprelu, {...: nanoSAE/plain dense step of the same act_fn}."""
     ratios, rates, like, rows = {}, {}, {}, []
     x = torch.randn(a.batch, a.d, device=a.device)
     for e in a.expansions:
         m = e * a.d
-        for name, dt in DTYPES.items():
-            autocast = torch.autocast(torch.device(a.device).type, dtype=dt, enabled=name != "fp32")
+        for name in a.dtypes:
+            autocast = torch.autocast(torch.device(a.device).type, dtype=DTYPES[name], enabled=name != "fp32")
             steps, l0_and_path = [], []
             for ref in REFS:
                 torch.manual_seed(0)
@@ -243,19 +344,21 @@ def bench_sae(a, roof: dict) -> tuple[dict, dict, dict]:
                              gflops, f"{gflops / roof[m, name]:.0%}", f"{ratios[step, e, name]:.2f}x",
                              f"{like[step, e, name]:.2f}x" if (step, e, name) in like else ""])
             del steps, l0_and_path, rounds                       # free the weights and Adam states
-    table(["step", "expansion", "dtype", "L0", "tokens/s", "GFLOP/s", "of roof", "vs dense topk",
-           "vs plain same act_fn"], rows)
+    out.table(["step", "expansion", "dtype", "L0", "tokens/s", "GFLOP/s", "of roof", "vs dense topk",
+               "vs plain same act_fn"], rows)
     return ratios, rates, like
 
 
 # --- 3. activation generation: TransformerBridge vs raw HF, same contexts, same layers -----------
 
 
-def bench_lm(a) -> dict:
-    n, ratios, rows = a.lm_contexts, {}, []
-    for name, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
+def bench_lm(a, out: Report) -> tuple[dict, dict]:
+    """The table; returns {dtype: bridge/raw} and {dtype: the bridge's tokens/s}."""
+    n, ratios, rates, rows = a.lm_contexts, {}, {}, []
+    for name in a.dtypes:
+        dtype = {"fp32": "float32", "bf16": "bfloat16"}[name]
         bridge = acts.load_model(acts.EMBEDDED_MODEL, dtype, a.device)
-        contexts = acts.iter_contexts(lambda: acts.iter_texts(acts.EMBEDDED_DATASET), bridge.tokenizer, 256)
+        contexts = acts.iter_contexts(lambda: acts.iter_texts(acts.EMBEDDED_DATASET), bridge.tokenizer, CONTEXT)
         batch = [next(contexts) for _ in range(n)]      # tokenized once: both time the forward only
         drop = acts.special_token_ids(bridge.tokenizer)
         raw = transformers.AutoModelForCausalLM.from_pretrained(acts.embedded_model_path(),
@@ -268,59 +371,80 @@ def bench_lm(a) -> dict:
         with torch.no_grad():
             rounds = timeit([bridge_fwd, lambda: raw.model(tokens_BT)], a.device, *a.lm_reps)
         t_bridge, t_raw = map(statistics.median, rounds)
-        # Both rates count every position of the contexts (the bridge's output drops BOS, 1 in 256).
+        # Both rates count every position of the contexts (the bridge's output drops BOS, 1 in 128).
+        rates[name] = n * CONTEXT / t_bridge
         ratios[name] = statistics.median(r / b for b, r in zip(*rounds))     # per round, as in section 2
-        rows.append([name, f"{n * 256 / t_bridge:,.0f}", f"{n * 256 / t_raw:,.0f}", f"{ratios[name]:.2f}x"])
+        rows.append([name, f"{rates[name]:,.0f}", f"{n * CONTEXT / t_raw:,.0f}", f"{ratios[name]:.2f}x"])
         attn = (bridge.original_model.config._attn_implementation, raw.config._attn_implementation)
         bridge = raw = None                             # free both models before the next dtype
-    print(f"{n} contexts of 256 tokens per forward, up to {HOOK}; attention: bridge {attn[0]}, raw {attn[1]}")
-    table(["dtype", "bridge tokens/s", "raw HF tokens/s", "bridge/raw"], rows)
-    return ratios
+    out.say(f"{n} contexts of {CONTEXT} tokens per forward, up to {HOOK}; attention: bridge {attn[0]}, raw {attn[1]}")
+    out.table(["dtype", "bridge tokens/s", "raw HF tokens/s", "bridge/raw"], rows)
+    return ratios, rates
 
 
-# --- 4. end-to-end train.py ----------------------------------------------------------------------
+# --- 4. end-to-end train.py, each run a process of its own ---------------------------------------
 
 
-def train_tokens_per_s(cfg) -> float:
-    """Run train.main(cfg) and read its log.jsonl. The first window is unlike the rest (the
-    buffer's first fill came before its clock started): skip it, and pool the others as
-    tokens / time (a line holds n tokens at tokens_per_s)."""
-    train.main(cfg)
-    with open(os.path.join(cfg.exp_result_path, "log.jsonl")) as f:
-        lines = [json.loads(line) for line in f][1:]
-    return sum(m["n"] for m in lines) / sum(m["n"] / m["tokens_per_s"] for m in lines)
+def train_py(args: list[str]) -> float:
+    """Run `python train.py ARGS` from this folder, as a user would; its wall seconds. Its output
+    is kept for an error's message only."""
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "train.py", *args], cwd=HERE, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"train.py {shlex.join(args)} exited with {r.returncode}:\n{(r.stdout + r.stderr)[-4000:]}")
+    return time.perf_counter() - t
 
 
-def bench_train(a) -> dict:
-    overrides, steps, log_every = a.train
-    tokens = steps * overrides.get("batch_size", 1024)
-    rates, t = {}, time.perf_counter()
+def logged_tokens_per_s(folder: str) -> float:
+    """Training tokens/s of a run, from its log.jsonl. The first window is unlike the others (it
+    starts with the mixing buffer full, and makes the first call of every kernel): skip it, and
+    pool the rest as tokens over time (a line covers the tokens since the line before, at its
+    tokens_per_s)."""
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert len(lines) >= 2, f"{folder}: {len(lines)} log line(s); the bench needs 2 or more"
+    n = [b["tokens"] - a["tokens"] for a, b in zip(lines, lines[1:])]
+    return sum(n) / sum(k / m["tokens_per_s"] for k, m in zip(n, lines[1:]))
+
+
+def bench_train(a, out: Report) -> tuple[dict, str]:
+    """The table; returns {"streaming", "cache", "cached", "evaluation": tokens/s} and the LM's
+    dtype, as train.py chose it."""
+    steps, log_every = a.train_steps
+    run = {**a.train, "total-training-tokens": steps * a.train["batch-size"], "log-frequency": log_every,
+           "eval-tokens": a.eval_tokens, "device": a.device}
+    flags = [s for k, v in run.items() for s in (f"--{k}", str(v))]
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        run = dict(overrides, log_frequency=log_every, device=a.device, total_training_tokens=tokens)
-        rates["streaming (LM + buffer + SAE)"] = train_tokens_per_s(
-            train.Config(**run, exp_result_path=os.path.join(tmp, "streaming")))
-        # The activation cache: the LM runs once (cache_main), then training reads the shards.
-        if hasattr(train, "cache_main"):
-            cache = os.path.join(tmp, "cache")
-            train.cache_main(train.Config(**run, cache_activations=cache))
-            rates["cached (shards + buffer + SAE)"] = train_tokens_per_s(
-                train.Config(**run, activations=cache, exp_result_path=os.path.join(tmp, "cached")))
-        # The held-out evaluation that ends every run, of the SAE the streaming run saved (the LM
-        # loaded beforehand): a.eval_tokens of held-out text.
-        cfg = train.Config(**{**run, "eval_tokens": a.eval_tokens})
-        model, drop_ids = train.load_lm(cfg, a.device)
-        sae = SAE.load(os.path.join(tmp, "streaming"), a.device)
-        t_eval = time.perf_counter()
-        n_eval = train.evaluate(sae, model, cfg, drop_ids, a.device)["tokens"]
-        rates["held-out evaluation"] = n_eval / (time.perf_counter() - t_eval)
-    print(f"{cfg.act_fn}, expansion {cfg.expansion_factor}, batch {cfg.batch_size}, LM {cfg.model_dtype}, "
-          f"SAE {cfg.dtype}, {steps} steps per run, evaluation of {cfg.eval_tokens:,} tokens: "
-          f"{time.perf_counter() - t:.0f} s wall in all")
-    print(f"training: tokens/s of log lines 2..{steps // log_every}; evaluation: kept tokens / its time")
-    table(["path", "tokens/s"], [[k, f"{v:,.0f}"] for k, v in rates.items()])
-    if "cached (shards + buffer + SAE)" not in rates:
-        print("cached path: not available (train.py has no activation cache)\n")
-    return rates
+        streaming, cache, cached = (os.path.join(tmp, name) for name in ("streaming", "cache", "cached"))
+        wall = {"streaming": train_py(flags + ["--exp-result-path", streaming])}
+        # The activation cache: the LM runs once, in a process that writes the shards; the run
+        # from them trains with no LM, and loads it only for its evaluation at the end.
+        wall["cache"] = train_py(flags + ["--cache-activations", cache])
+        wall["cached"] = train_py(flags + ["--activations", cache, "--exp-result-path", cached])
+        # The held-out evaluation that ends every run, of the SAE the streaming run saved, in its
+        # own process on the settings that run saved.
+        wall["evaluation"] = train_py(["--eval-only", streaming, "--device", a.device])
+        with open(os.path.join(streaming, "train_config.json")) as f:
+            cfg = json.load(f)
+        with open(os.path.join(streaming, "eval.json")) as f:
+            n_eval = json.load(f)["tokens"]
+        with open(os.path.join(cache, "manifest.json")) as f:
+            n_cache = json.load(f)["tokens"]
+        rates = {"streaming": logged_tokens_per_s(streaming), "cache": n_cache / wall["cache"],
+                 "cached": logged_tokens_per_s(cached), "evaluation": n_eval / wall["evaluation"]}
+    out.say(f"{cfg['act_fn']}, expansion {cfg['expansion_factor']}, batch {cfg['batch_size']}, "
+            f"LM {cfg['model_dtype']}, SAE {cfg['dtype']} (autocast {cfg['amp_dtype']}), {steps} steps per run, "
+            f"evaluation of {cfg['eval_tokens']:,} tokens: {time.perf_counter() - t0:.0f} s wall in all")
+    out.say(f"training: tokens/s of log lines 2..{steps // log_every} of log.jsonl; writing the cache and "
+            f"the evaluation: tokens over the process's wall time (Python start, imports, LM load included)")
+    names = {"streaming": "streaming run, training (LM + buffer + SAE)",
+             "cache": "--cache-activations (LM, writing shards)",
+             "cached": "cached run, training (shards + buffer + SAE)",
+             "evaluation": "--eval-only, held-out evaluation"}
+    out.table(["process", "tokens/s", "process wall s"],
+              [[names[k], f"{rates[k]:,.0f}", f"{wall[k]:.0f}"] for k in names])
+    return rates, cfg["model_dtype"]
 
 
 def main():
@@ -328,68 +452,83 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats: a fast check")
     p.add_argument("--sections", default="matmul,sae,lm,train", help="a comma-separated subset")
+    p.add_argument("--dtypes", default="auto", help="fp32 or fp32,bf16; auto: fp32, and bf16 where the "
+                   "device computes it natively")
+    p.add_argument("--markdown", metavar="FILE", help="also write the tables and the summary to FILE as "
+                   "Markdown, under a description of the machine")
     a = p.parse_args()
-    cpu, sections = a.device == "cpu", a.sections.split(",")
+    cpu, sections, a.native_bf16 = a.device == "cpu", a.sections.split(","), acts.native_bf16(a.device)
+    a.dtypes = (["fp32", "bf16"] if a.native_bf16 else ["fp32"]) if a.dtypes == "auto" else a.dtypes.split(",")
+    if a.dtypes not in (["fp32"], ["fp32", "bf16"]):
+        p.error("--dtypes: fp32, fp32,bf16 or auto")
     # SAE shapes: d = 768 (GPT-2 / Pythia-160M width), batch 4096, k = 64. (warmup, repeats) of the
-    # matmuls, and of the SAE steps per expansion: on 2 CPU cores a round of the nine steps takes
-    # ~7 s at 8x and ~20 s at 32x, so 7 rounds at 8x and 5 at 32x (3 left its medians 20% apart).
+    # matmuls, and of the SAE steps per expansion: a round of the nine steps is long on a CPU,
+    # longest at 32x, so fewer rounds there (too few, and the medians move from run to run).
     a.d, a.batch, a.k, a.expansions = (256, 1024, 32, (8,)) if a.quick else (768, 4096, 64, (8, 32))
     a.reps = (1, 2) if a.quick else (1, 3) if cpu else (5, 20)
     a.sae_reps = {8: a.reps, 32: a.reps} if a.quick or not cpu else {8: (1, 7), 32: (1, 5)}
-    # LM: contexts per forward (train.py uses 16 on CPU, where 4 keeps the bench short; on a GPU
-    # 8,192 tokens, as train.py's default there) and repeats.
-    a.lm_contexts, a.lm_reps = (2, (1, 1)) if a.quick else (4, (1, 9)) if cpu else (32, (3, 10))
-    # train.py: Config overrides, steps, log frequency (the default batch is 1024 tokens).
-    a.train = (dict(batch_size=256, buffer_size=1024, model_batch_contexts=2, eval_tokens=512), 8, 2) \
-        if a.quick else (dict(eval_tokens=512), 24, 8) if cpu else (dict(), 400, 50)
-    # The timed evaluation: 2 LM batches (quick), 3 on CPU (16 contexts of 128 tokens), 4 on a GPU.
-    a.eval_tokens = 512 if a.quick else 6144 if cpu else 32_768
+    # LM: contexts per forward, as train.py's defaults (16 on CPU, 8,192 tokens on a GPU), and repeats.
+    a.lm_contexts, a.lm_reps = (2, (1, 1)) if a.quick else (16, (1, 5)) if cpu else (64, (3, 10))
+    # train.py: flags, (steps, log frequency); its defaults otherwise (its dtypes too).
+    a.train, a.train_steps = (({"batch-size": 256, "buffer-size": 1024, "model-batch-contexts": 2}, (8, 2))
+                              if a.quick else ({"batch-size": 1024}, (24, 8) if cpu else (400, 50)))
+    # Held-out tokens of each run's evaluation (the --eval-only one is timed): 1 LM batch (quick),
+    # 2 on CPU (16 contexts of 128 tokens each), 4 on a GPU.
+    a.eval_tokens = 512 if a.quick else 4096 if cpu else 32_768
     transformers.utils.logging.disable_progress_bar()        # no "Loading weights" bars
-    if cpu:     # freed memory stays in the heap, as in train.py at large batches on CPU: every
-        train.keep_freed_memory()       # step gains, the reference too (~200k page faults a step)
-    # Other processes on the machine skew every number: the load average says how busy it was.
-    print(f"device {a.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}{', quick' if a.quick else ''}\n")
+    if cpu:     # freed (B, m) tensors stay in the heap, as in train.py at large batches on CPU:
+        keep_freed_memory()                     # for every step timed, the references too
+    header, out = machine(a), Report()
+    print("\n".join(header) + "\n")
 
-    t0, summary = time.perf_counter(), []
+    t0, summary, lm_rates = time.perf_counter(), [], {}
     if "matmul" in sections or "sae" in sections:
-        print("== 1. matmul roofline ==")
-        roof = bench_matmul(a)
-        summary.append("matmul bf16/fp32: " + ", ".join(
-            f"m={m} {roof[m, 'bf16'] / roof[m, 'fp32']:.2f}x" for m, dt in roof if dt == "fp32"))
+        out.section("1. matmul roofline")
+        roof = bench_matmul(a, out)
+        if "bf16" in a.dtypes:
+            summary.append("matmul bf16/fp32: " + ", ".join(
+                f"m={m} {roof[m, 'bf16'] / roof[m, 'fp32']:.2f}x" for m, dt in roof if dt == "fp32"))
     if "sae" in sections:
-        print(f"== 2. SAE training step (d={a.d}, batch {a.batch}, k={a.k}) ==")
-        r, tps, like = bench_sae(a, roof)
+        out.section(f"2. SAE training step (d={a.d}, batch {a.batch}, k={a.k})")
+        r, tps, like = bench_sae(a, roof, out)
         summary += [f"nanoSAE/dense, expansion {e} {dt}: " + ", ".join(f"{f} {r[f, e, dt]:.2f}x"
                                                                        for f in ACT_FNS + FRESH)
-                    for e in a.expansions for dt in DTYPES]
+                    for e in a.expansions for dt in a.dtypes]
         summary += [f"nanoSAE/plain dense step of the same act_fn, expansion {e} {dt}: " + ", ".join(
             f"{f} {like[f, e, dt]:.2f}x" for f in ACT_FNS + FRESH if (f, e, dt) in like)
-            for e in a.expansions for dt in DTYPES]
+            for e in a.expansions for dt in a.dtypes]
         # The bound on a step that computes the encoder's matmul in its dtype: that matmul alone, at
         # the roofline; and how much of it the topk and batchtopk steps reach (the bound's time over
-        # the step's). In fp32 on a CPU with AMX they estimate c in bf16 (sae.estimate_c) and can pass it.
+        # the step's). In fp32 on a CPU with AMX they estimate c in bf16 and can pass it.
         for e in a.expansions:
             bound = {dt: roof[e * a.d, dt] * 1e9 / (2 * a.d * e * a.d) / tps["dense topk (ref)", e, dt]
-                     for dt in DTYPES}
+                     for dt in a.dtypes}
             summary.append(f"encoder matmul alone at the roofline/dense, expansion {e}: " + ", ".join(
                 f"{dt} {b:.2f}x" for dt, b in bound.items()) + "; of it, fp32: " + ", ".join(
                 f"{f} {r[f, e, 'fp32'] / bound['fp32']:.0%}" for f in ("topk", "batchtopk")))
         # bf16 against fp32 of the same step: the two blocks ran one after the other, not in turns.
-        summary += [f"nanoSAE bf16/fp32, expansion {e}: " + ", ".join(
-            f"{f} {tps[f, e, 'bf16'] / tps[f, e, 'fp32']:.2f}x" for f in ACT_FNS + FRESH) for e in a.expansions]
+        if "bf16" in a.dtypes:
+            summary += [f"nanoSAE bf16/fp32, expansion {e}: " + ", ".join(
+                f"{f} {tps[f, e, 'bf16'] / tps[f, e, 'fp32']:.2f}x" for f in ACT_FNS + FRESH) for e in a.expansions]
     if "lm" in sections:
-        print("== 3. activation generation ==")
-        r = bench_lm(a)
+        out.section("3. activation generation")
+        r, lm_rates = bench_lm(a, out)
         summary.append("bridge/raw HF: " + ", ".join(f"{dt} {v:.2f}x" for dt, v in r.items()))
     if "train" in sections:
-        print("== 4. end-to-end train.py ==")
-        r = list(bench_train(a).values())         # [streaming, cached if there is a cache, evaluation]
-        summary.append(f"train.py end-to-end: streaming {r[0]:,.0f} tokens/s" +
-                       (f", cached {r[1]:,.0f} tokens/s, cached/streaming {r[1] / r[0]:.2f}x" if len(r) > 2
-                        else ", cached path not available") + f"; held-out evaluation {r[-1]:,.0f} tokens/s")
-    print("== summary ==\n" + "\n".join(summary))
-    print(f"total wall time {time.perf_counter() - t0:.0f} s")
+        out.section("4. end-to-end train.py")
+        r, lm_dtype = bench_train(a, out)
+        summary.append(f"train.py end-to-end: streaming {r['streaming']:,.0f} tokens/s, cached {r['cached']:,.0f} "
+                       f"tokens/s, cached/streaming {r['cached'] / r['streaming']:.2f}x; held-out evaluation "
+                       f"(--eval-only process, LM load included) {r['evaluation']:,.0f} tokens/s")
+        if (lm := lm_rates.get({"float32": "fp32", "bfloat16": "bf16"}.get(lm_dtype))):
+            both = 1 / (1 / lm + 1 / r["cached"])       # the LM and the rest, one after the other
+            summary.append(f"streaming reaches {r['streaming'] / both:.0%} of 1 / (1/LM + 1/cached) = {both:,.0f} "
+                           f"tokens/s (LM: section 3's bridge in {lm_dtype}, {lm:,.0f} tokens/s)")
+    out.summary(summary)
+    out.say(f"total wall time {time.perf_counter() - t0:.0f} s")
+    if a.markdown:
+        out.write(a.markdown, header)
+        print(f"wrote {a.markdown}")
 
 
 if __name__ == "__main__":
