@@ -887,6 +887,8 @@ def evaluate_during_training(cfg: Config, sae: SAE, st: RunState, model, drop_id
     kill follows its SIGTERM (torchrun's and Slurm's some 30 s later)."""
     try:
         with caught_signals():
+            if stop.is_set():       # a signal that came just before this handler took over
+                raise KeyboardInterrupt
             result = evaluate(folded(sae, st.s_in, st.s_out), model, cfg, drop_ids, device)
         print_eval(result, f"held-out evaluation at step {st.step}")
         wandb_log(wandb_run, "eval", result, st.step)
