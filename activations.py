@@ -439,10 +439,11 @@ class Stats:
     def add(self, y_BD: torch.Tensor, y_hat_BD: torch.Tensor, fired_M: torch.Tensor | None = None,
             terms: dict | None = None):
         """y, y_hat (B, d_out); fired_M (d_sae,) this process's firing counts; terms: scalar tensors."""
-        y, y_hat = y_BD.double(), y_hat_BD.double()
-        nnz = fired_M.sum().double() if fired_M is not None else y.new_zeros(())
-        self.sums[:4] += torch.stack([y.new_tensor(float(len(y))), (y - y_hat).pow(2).sum(), y.pow(2).sum(), nnz])
-        self.sums[4:4 + self.d_out] += y.sum(0)
+        # sums over the batch in y's dtype, added up in fp64: no fp64 copy of the (B, d) tensors
+        nnz = fired_M.sum() if fired_M is not None else y_BD.new_zeros(())
+        self.sums[:4] += torch.stack([y_BD.new_tensor(float(len(y_BD))), (y_BD - y_hat_BD).pow(2).sum(),
+                                      y_BD.pow(2).sum(), nnz.to(y_BD.dtype)]).double()
+        self.sums[4:4 + self.d_out] += y_BD.sum(0).double()
         if fired_M is not None:
             self.sums[4 + self.d_out:] += fired_M.double()
         for name, v in (terms or {}).items():
