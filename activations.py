@@ -118,12 +118,12 @@ def model_dims(name: str) -> tuple[int, int, int | None]:
 
 
 @torch.no_grad()
-def run_hooks(model, tokens_BT: torch.Tensor, hook_in: str, hook_out: str):
-    """The two hooked activations (B, T, d) of a forward that stops after the last hooked block."""
-    hooks = sorted({hook_in, hook_out})
+def run_hooks(model, tokens_BT: torch.Tensor, hooks: list[str]) -> list[torch.Tensor]:
+    """The hooked activations (B, T, d), one per hook, of a forward that stops after the last
+    hooked block: one forward serves every hook point of a sweep."""
     stop = max((hook_layer(h) or 0) for h in hooks) + 1          # stop_at_layer=L runs blocks 0..L-1
-    _, cache = model.run_with_cache(tokens_BT, names_filter=hooks, stop_at_layer=stop)
-    return token_vectors(cache, hook_in), token_vectors(cache, hook_out)
+    _, cache = model.run_with_cache(tokens_BT, names_filter=sorted(set(hooks)), stop_at_layer=stop)
+    return [token_vectors(cache, h) for h in hooks]
 
 
 def token_vectors(cache, hook: str) -> torch.Tensor:
@@ -131,16 +131,15 @@ def token_vectors(cache, hook: str) -> torch.Tensor:
     return cache[hook].flatten(2)
 
 
-def hook_dims(model, hook_in: str, hook_out: str) -> tuple[int, int]:
-    """Widths of the two hooked activations, from a forward of two tokens."""
-    for hook in (hook_in, hook_out):    # BLOCK_HOOKS is every architecture's: not all have each one
+def hook_dims(model, hooks: list[str]) -> list[int]:
+    """Widths of the hooked activations, from a forward of two tokens."""
+    for hook in hooks:    # BLOCK_HOOKS is every architecture's: not all have each one
         if hook not in model.hook_dict:
             have = [h for h in BLOCK_HOOKS if f"blocks.0.{h}" in model.hook_dict]
             raise ValueError(f"hook point {hook!r} does not exist on this model; its blocks have "
                              f"{', '.join(have)}")
     tokens = torch.full((1, 2), model.tokenizer.bos_token_id, device=next(model.parameters()).device)
-    x, y = run_hooks(model, tokens, hook_in, hook_out)
-    return x.shape[-1], y.shape[-1]
+    return [a.shape[-1] for a in run_hooks(model, tokens, hooks)]
 
 
 def native_bf16(device: str) -> bool:
@@ -362,24 +361,25 @@ def ahead(fn, items):
 
 
 @torch.no_grad()
-def iter_activations(model, contexts, hook_in: str, hook_out: str, drop_ids: torch.Tensor,
-                     n_contexts: int = 16, device: str = "cpu", max_norm_ratio: float | None = None):
+def iter_activations(model, contexts, hooks: list[str], drop_ids: torch.Tensor, n_contexts: int = 16,
+                     device: str = "cpu", max_norm_ratio: float | None = None):
     """Run the LM (up to the last hooked block) over batches of n_contexts (index, context)
-    pairs and yield dicts: x (N, d_in), y (N, d_out) of the N kept positions, in the model's
-    dtype; tokens (N,) their ids; last, the last context index consumed; outliers, how many
-    positions were dropped as massive activations (||x|| > max_norm_ratio x the batch median)."""
+    pairs and yield dicts: x (N, sum of the hooks' widths), the N kept positions' activations at
+    each hook side by side, in the model's dtype; tokens (N,) their ids; last, the last context
+    index consumed; outliers, how many positions were dropped as massive activations (||x|| at the
+    first hook > max_norm_ratio x the batch median)."""
     drop_ids = drop_ids.to(device)
     contexts = iter(contexts)
     while batch := list(itertools.islice(contexts, n_contexts)):
         tokens_BT = torch.stack([ctx for _, ctx in batch]).to(device)
-        x_BTD, y_BTD = run_hooks(model, tokens_BT, hook_in, hook_out)
+        hooked = run_hooks(model, tokens_BT, hooks)
         keep = ~torch.isin(tokens_BT, drop_ids).flatten()          # BOS, EOS, pad, ignored ids
-        x, y = x_BTD.flatten(0, 1)[keep], y_BTD.flatten(0, 1)[keep]
+        x = torch.cat([a.flatten(0, 1)[keep] for a in hooked], dim=1)
         ids, n_outliers = tokens_BT.flatten()[keep], 0
         if max_norm_ratio is not None:
-            ok = within_norm_ratio(x, max_norm_ratio)
-            x, y, ids, n_outliers = x[ok], y[ok], ids[ok], int((~ok).sum())
-        yield {"x": x, "y": y, "tokens": ids, "last": batch[-1][0], "outliers": n_outliers}
+            ok = within_norm_ratio(x[:, :hooked[0].shape[-1]], max_norm_ratio)
+            x, ids, n_outliers = x[ok], ids[ok], int((~ok).sum())
+        yield {"x": x, "tokens": ids, "last": batch[-1][0], "outliers": n_outliers}
 
 
 def within_norm_ratio(x_ND: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -520,8 +520,8 @@ def write_cache(folder: str, activations, manifest: dict, max_tokens: int, shard
     assert not os.path.exists(os.path.join(folder, "manifest.json")), f"{folder} holds a cache"
     from safetensors.torch import save
     os.makedirs(folder, exist_ok=True)
-    keys = ("x", "tokens") if manifest["sae"] else ("x", "y", "tokens")    # an SAE's y is its x
-    shards, pending, n, norm_sum = [], [], 0, 0.0
+    keys = ("x", "tokens")                # x: every hook's activations side by side
+    shards, pending, n = [], [], 0
 
     def flush():
         parts = {k: torch.cat([a[k] for a in pending]).contiguous().cpu() for k in keys}
@@ -532,14 +532,13 @@ def write_cache(folder: str, activations, manifest: dict, max_tokens: int, shard
     for a in activations:
         pending.append({k: a[k][:max_tokens - n] for k in keys})
         n += len(pending[-1]["x"])
-        norm_sum += pending[-1]["x"].float().norm(dim=1).sum().item()
         if sum(len(p["x"]) for p in pending) >= shard_tokens:
             flush()
         if n >= max_tokens:
             break
     if pending:
         flush()
-    manifest = {**manifest, "tokens": n, "mean_norm_in": norm_sum / max(n, 1), "shards": shards}
+    manifest = {**manifest, "tokens": n, "shards": shards}
     write_atomic(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=2))
     return manifest
 
@@ -573,10 +572,19 @@ def read_manifest(folder: str, expect: dict) -> dict:
     return manifest
 
 
+def cache_columns(manifest: dict) -> dict[str, int]:
+    """A cache's hook points and their widths, in the order of its columns (a cache written before
+    caches listed their hooks holds one SAE's x, or a transcoder's x and y)."""
+    if "hooks" in manifest:
+        return dict(zip(manifest["hooks"], manifest["widths"]))
+    return {manifest["hook_point_in"]: manifest["d_in"], **({} if manifest["sae"] else
+                                                           {manifest["hook_point_out"]: manifest["d_out"]})}
+
+
 def iter_cache(folder: str, manifest: dict, seed: int, rank: int = 0, world_size: int = 1,
                start: int = 0, group: int = 4):
-    """Yield (index, chunk) from a cache, forever: (N, d_in + d_out) rows, or (N, d_in) for an SAE
-    (its y is its x). Each pass visits the shards in a fresh random order (the same on every rank),
+    """Yield (index, chunk) from a cache, forever: (N, sum of widths) rows, each cached hook's
+    activations side by side (cache_columns gives their order). Each pass visits the shards in a fresh random order (the same on every rank),
     `group` of them read together into one chunk, which the mixing buffer shuffles as a whole, so
     tokens mix across shards. Rank r reads the r-th of world_size equal slices of each shard's rows:
     a pass gives every token to one rank exactly once, and every rank as many."""

@@ -367,7 +367,7 @@ def bench_lm(a, out: Report) -> tuple[dict, dict]:
         tokens_BT = torch.stack([c for _, c in batch]).to(a.device)
 
         def bridge_fwd():
-            return list(acts.iter_activations(bridge, iter(batch), HOOK, HOOK, drop, n, a.device))
+            return list(acts.iter_activations(bridge, iter(batch), [HOOK], drop, n, a.device))
         with torch.no_grad():
             rounds = timeit([bridge_fwd, lambda: raw.model(tokens_BT)], a.device, *a.lm_reps)
         t_bridge, t_raw = map(statistics.median, rounds)

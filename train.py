@@ -250,6 +250,10 @@ DEFAULT_SPARSITY_COEFFICIENT = {"l1": 2.0, "tanh": 0.5}
 CACHE_KEYS = ("model", "model_dtype", "hook_point_in", "dataset", "dataset_split", "text_column",
               "context_size", "eval_tokens", "eval_dataset", "ignore_token_ids", "max_norm_ratio")
 NOT_SAVED = ("config", "resume", "eval_only", "cache_activations")      # actions, not part of a run
+# Per-SAE settings. Several values (--top-k 16 32 64) make a sweep: their cartesian product trained
+# on one activation stream, one LM forward for all; every other field is shared by its SAEs.
+SWEPT = ("act_fn", "top_k", "expansion_factor", "lr", "sparsity_coefficient", "hook_point_in",
+         "hook_point_out", "seed")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -368,7 +372,11 @@ def load_checkpoint(path: str, warn: bool = True) -> dict:
     for file in sorted(found, reverse=True):             # newest first: the step number is zero-padded
         try:
             ckpt = torch.load(file, map_location="cpu", weights_only=False)
-            assert isinstance(ckpt, dict) and {"sae", "opt", "data", "config"} <= set(ckpt)
+            assert isinstance(ckpt, dict) and {"step", "data"} <= set(ckpt)
+            if "sae" in ckpt:                            # written when a run trained one SAE only
+                ckpt.update(configs=[ckpt["config"]], saes=[{k: ckpt[k] for k in (
+                    "sae", "opt", "s_in", "s_out", "since_fired")}])
+            assert {"saes", "configs"} <= set(ckpt)
         except Exception as e:                           # truncated, corrupt, or not ours
             error = error or f"the checkpoint {file} cannot be read ({type(e).__name__}: {str(e)[:80]})"
             continue
@@ -414,6 +422,20 @@ def evaluate(saes: SAE | list[SAE], model, cfg: Config, drop_ids: torch.Tensor,
     return results[0] if isinstance(saes, SAE) else results
 
 
+def evaluate_members(members: list, saes: list[list[SAE]], model, drop_ids: torch.Tensor,
+                     device: str) -> list[list[dict]]:
+    """Each member's raw-space SAEs (saes[i]: its own, and its JumpReLU conversion) on the held-out
+    text; the SAEs at one pair of hook points share the LM's clean and zero-ablated forwards."""
+    groups, results = {}, [None] * len(members)
+    for i, m in enumerate(members):
+        groups.setdefault((m.cfg.hook_point_in, m.cfg.hook_out), []).append(i)
+    for idx in groups.values():
+        out = evaluate([s for i in idx for s in saes[i]], model, members[idx[0]].cfg, drop_ids, device)
+        for i in idx:
+            results[i], out = out[:len(saes[i])], out[len(saes[i]):]
+    return results
+
+
 def print_eval(result: dict, title: str, folder: str | None = None):
     """Print the evaluation table; with a folder, also write it there as eval.json."""
     print0(f"--- {title} ---")
@@ -427,17 +449,17 @@ def print_eval(result: dict, title: str, folder: str | None = None):
 # the language model and its text
 
 
-def resolve_dtypes(cfg: Config, device: str) -> Config:
+def resolve_dtypes(cfgs: list[Config], device: str) -> list[Config]:
     """--model-dtype and --amp-dtype auto: bfloat16 where the device computes it natively, else
     float32 (float16 never by default). The run's files record the choice, not "auto": a resumed
     run, or one from a cache, keeps the dtype its data was made in."""
-    auto = "bfloat16" if acts.native_bf16(device) else "float32"
+    cfg, auto = cfgs[0], "bfloat16" if acts.native_bf16(device) else "float32"
     chosen = {k: auto for k in ("model_dtype", "amp_dtype") if getattr(cfg, k) == "auto"}
     if chosen:
         native = "computes bf16 natively" if auto == "bfloat16" else "has no native bf16"
         print0(f"dtypes: LM forward {chosen.get('model_dtype', cfg.model_dtype)}, SAE step "
                f"{chosen.get('amp_dtype', cfg.amp_dtype)} (auto: this {device} {native})")
-    return dataclasses.replace(cfg, **chosen)
+    return [dataclasses.replace(c, **chosen) for c in cfgs]
 
 
 def default_device(cfg: Config) -> str:
@@ -459,12 +481,12 @@ def load_lm(cfg: Config, device: str):
     return model, acts.special_token_ids(model.tokenizer, cfg.ignore_token_ids)
 
 
-def check_model_and_data(cfg: Config, training: bool = True) -> int:
-    """What can be checked before the weights load: the hook points and the context size against the
-    model's config, and that the datasets it reads (the held-out one, and the training one when
-    training, unless from a cache) open. Returns d_model."""
+def check_model_and_data(cfg: Config, training: bool = True, hooks: list[str] | None = None) -> int:
+    """What can be checked before the weights load: the hook points (cfg's, or `hooks`) and the
+    context size against the model's config, and that the datasets it reads (the held-out one, and
+    the training one when training, unless from a cache) open. Returns d_model."""
     n_layers, d_model, n_ctx = acts.model_dims(cfg.model)
-    for hook in (cfg.hook_point_in, cfg.hook_out):
+    for hook in hooks or (cfg.hook_point_in, cfg.hook_out):
         acts.check_hook_point(hook, n_layers)
     if n_ctx and cfg.context_size > n_ctx:
         raise ValueError(f"--context-size {cfg.context_size} is longer than {cfg.model} takes ({n_ctx} tokens)")
@@ -477,15 +499,54 @@ def _texts(cfg: Config, dataset: str | None = None):
     return lambda: acts.iter_texts(dataset or cfg.dataset, cfg.dataset_split, cfg.text_column)
 
 
-def train_activations(cfg: Config, model, drop_ids: torch.Tensor, device: str, rank: int = 0,
-                      world: int = 1, start: int = 0, passes: int | None = None):
-    """acts.iter_activations over this rank's training contexts, from context `start` on. The first
-    eval_tokens of the data are held out for evaluation, unless --eval-dataset is given."""
+def train_activations(cfg: Config, hooks: list[str], model, drop_ids: torch.Tensor, device: str,
+                      rank: int = 0, world: int = 1, start: int = 0, passes: int | None = None):
+    """acts.iter_activations at `hooks` over this rank's training contexts, from context `start` on.
+    The first eval_tokens of the data are held out for evaluation, unless --eval-dataset is given."""
     held_out = 0 if cfg.eval_dataset else cfg.eval_tokens // cfg.context_size
     contexts = acts.iter_contexts(_texts(cfg), model.tokenizer, cfg.context_size, rank, world,
                                   held_out=held_out, start=start, passes=passes)
-    return acts.iter_activations(model, contexts, cfg.hook_point_in, cfg.hook_out, drop_ids,
-                                 cfg.lm_batch(device), device, cfg.max_norm_ratio)
+    return acts.iter_activations(model, contexts, hooks, drop_ids, cfg.lm_batch(device), device,
+                                 cfg.max_norm_ratio)
+
+
+def stream_hooks(cfgs: list[Config]) -> list[str]:
+    """The hook points the activation stream carries, each once: the SAEs' inputs, then their
+    targets. The first is where --max-norm-ratio measures norms."""
+    return list(dict.fromkeys([c.hook_point_in for c in cfgs] + [c.hook_out for c in cfgs]))
+
+
+def free_memory(device: str) -> int:
+    """Bytes this device has free: the GPU's, or the memory Linux says is available."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory(cfgs: list[Config], widths: dict[str, int], device: str):
+    """Before the LM loads, an estimate against the memory the device has free: every SAE's weights
+    with their gradients and Adam's two moments, the largest step's (B, d_sae) tensors (the SAEs
+    step one after another), and the mixing buffer as it refills. Hooks of unknown width (not
+    d_model wide, before the LM loads) are left out."""
+    size = 4 if cfgs[0].dtype == "float32" else 2
+    weights = step = 0
+    for c in cfgs:
+        if c.hook_point_in in widths and c.hook_out in widths:
+            d_in, d_out = widths[c.hook_point_in], widths[c.hook_out]
+            weights += 4 * size * c.expansion_factor * d_in * (d_in + d_out + 2)
+            step = max(step, 4 * 4 * c.batch_size * c.expansion_factor * d_in)
+    buffer = 2 * 4 * cfgs[0].buffer_size * sum(widths.values())
+    need, free = weights + step + buffer, free_memory(device)
+    if need > free:
+        gib = lambda b: f"{b / 2 ** 30:.1f} GiB"
+        raise ValueError(f"this run needs about {gib(need)} besides the LM ({len(cfgs)} SAE(s) with Adam "
+                         f"{gib(weights)}, a step {gib(step)}, the buffer {gib(buffer)}) and the {device} has "
+                         f"{gib(free)} free: train fewer SAEs at once, or lower --expansion-factor, "
+                         f"--batch-size or --buffer-size")
 
 
 def check_k(cfg: Config, d_sae: int):
@@ -505,8 +566,9 @@ def folded(sae: SAE, s_in: float, s_out: float) -> SAE:
 # logging
 
 
-def log(m: dict, bar, wandb_run, log_dir: str):
-    """The fixed-format status line (rank 0) and the same numbers to log.jsonl and W&B."""
+def log(m: dict, bar, wandb_run, log_dir: str, name: str = ""):
+    """The fixed-format status line (rank 0) and the same numbers to log.jsonl and W&B (a sweep's
+    SAE: its name first, and its name/ before its W&B metrics)."""
     if int(os.environ.get("RANK", 0)) != 0:
         return
     terms = " ".join(f"{k} {m[k]:.4g}" for k in ("mse", "sparsity", "pre_act", "auxk") if k in m)
@@ -514,10 +576,11 @@ def log(m: dict, bar, wandb_run, log_dir: str):
             f"ev {m['explained_variance']:.4f} | l0 {m['l0']:.1f} | dead {m['dead']:.3f} | "
             f"rare {m['ultra_rare']:.3f} | dense {m['dense']:.3f} | k {m['k']} | lr {m['lr']:.2e} | "
             f"{m['tokens_per_s']:,.0f} tok/s")
-    bar.write(line + (f" | outliers {m['outliers_dropped']}" if m["outliers_dropped"] else ""))
+    bar.write((f"{name} | " if name else "") + line +
+              (f" | outliers {m['outliers_dropped']}" if m["outliers_dropped"] else ""))
     with open(os.path.join(log_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(m) + "\n")
-    wandb_log(wandb_run, "train", {k: v for k, v in m.items() if k != "n"}, m["step"])
+    wandb_log(wandb_run, name + "/train" if name else "train", {k: v for k, v in m.items() if k != "n"}, m["step"])
 
 
 def wandb_log(wandb_run, prefix: str, values: dict, step: int):
@@ -533,13 +596,17 @@ def progress_bar(total: int, done: int, rank: int):
                 disable=True if rank else None, file=sys.stderr)
 
 
-def start_wandb(cfg: Config, ckpt: dict | None):
-    """A W&B run (rank 0), started before the model loads, so that a missing login fails fast."""
+def start_wandb(cfgs: list[Config], ckpt: dict | None):
+    """A W&B run (rank 0), started before the model loads, so that a missing login fails fast.
+    A sweep is one W&B run: the shared config, the SAEs' settings listed, their metrics prefixed."""
     import wandb                                 # lazily: only runs that ask for W&B need it
+    cfg = cfgs[0]
     os.makedirs(cfg.exp_result_path, exist_ok=True)
     run_id = ckpt.get("wandb_id") if ckpt else None
+    config = run_config(cfg) if len(cfgs) == 1 else {**run_config(cfg), "sweep": {
+        name: {k: getattr(c, k) for k in SWEPT} for name, c in zip(sweep_names(cfgs), cfgs)}}
     try:
-        run = wandb.init(project=cfg.wandb_project or "nanosae", name=cfg.exp_name, config=run_config(cfg),
+        run = wandb.init(project=cfg.wandb_project or "nanosae", name=cfg.exp_name, config=config,
                          id=run_id, resume="allow" if run_id else None, dir=cfg.exp_result_path)
     except Exception as e:                          # no login, no network: one line, not a traceback
         raise ValueError(f"W&B cannot start ({' '.join(str(e).split())}): run `wandb login`, or set "
@@ -547,7 +614,7 @@ def start_wandb(cfg: Config, ckpt: dict | None):
     # The charts' x axis is our step, logged as a value, not W&B's own step: a run resumed from a
     # checkpoint logs again the steps after it, which W&B would drop as a step going backwards.
     run.define_metric("step")
-    for prefix in ("train/*", "eval/*"):
+    for prefix in ("train/*", "eval/*", "*/train/*", "*/eval/*"):
         run.define_metric(prefix, step_metric="step")
     return run
 
@@ -561,6 +628,8 @@ def run_config(cfg: Config) -> dict:
 
 
 def read_config_file(path: str) -> dict:
+    """Config fields from a .toml/.json/.yaml file; a list `saes` of tables of per-SAE settings
+    (SWEPT) makes a sweep of exactly those SAEs."""
     if not os.path.isfile(path):
         raise ValueError(f"--config {path}: no such file")
     if not path.endswith((".toml", ".json", ".yaml", ".yml")):
@@ -581,14 +650,74 @@ def read_config_file(path: str) -> dict:
         raise ValueError(f"--config {path}: should hold key = value pairs of Config fields, not a "
                          f"{type(values).__name__}")
     values.pop("code", None)              # train_config.json records the code it ran: not a setting
+    saes = values.pop("saes", None)
+    if saes is not None and not (isinstance(saes, list) and saes and all(isinstance(s, dict) for s in saes)):
+        raise ValueError(f"--config {path}: saes should be a list of tables of per-SAE settings")
     fields = {f.name: f for f in dataclasses.fields(Config)}
-    for key, value in values.items():
-        if key not in fields or key in NOT_SAVED:
-            raise ValueError(f"--config {path}: unknown key {key!r} (keys are Config fields, "
-                             f"e.g. act_fn, top_k, lr)")
-        if not _type_ok(value, fields[key].type):
-            raise ValueError(f"--config {path}: {key} = {value!r} should be of type {fields[key].type}")
-    return values
+    for where, table, allowed in [("", values, set(fields) - set(NOT_SAVED))] + [
+            (f"saes[{i}].", s, SWEPT) for i, s in enumerate(saes or [])]:
+        for key, value in table.items():
+            if key not in allowed:
+                raise ValueError(f"--config {path}: unknown key {where}{key!r} (" + (
+                    "keys are Config fields, e.g. act_fn, top_k, lr)" if not where else
+                    f"an SAE of a sweep sets only {', '.join(SWEPT)}; the rest is shared: set it above)"))
+            if not _type_ok(value, fields[key].type):
+                raise ValueError(f"--config {path}: {where}{key} = {value!r} should be of type {fields[key].type}")
+    return {**values, "saes": saes} if saes else values
+
+
+def expand_grid(argv: list[str]) -> list[list[str]]:
+    """argv with the per-SAE flags given several values (--top-k 16 32 --act-fn topk batchtopk)
+    spread into one argv per point of their cartesian product; without any, [argv]."""
+    fixed, swept, i = [], [], 0
+    lists = {f.name for f in dataclasses.fields(Config) if get_origin(f.type) is list}
+    while i < len(argv):
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        name = argv[i][2:].replace("-", "_")
+        if argv[i].startswith("--") and j - i > 2 and name not in lists:
+            if name not in SWEPT:
+                raise ValueError(f"{argv[i]} takes one value: the SAEs of a sweep share it (per SAE, "
+                                 f"several values: {', '.join('--' + k.replace('_', '-') for k in SWEPT)})")
+            swept.append((argv[i], argv[i + 1:j]))
+        else:
+            fixed += argv[i:j]
+        i = j
+    return [fixed + [a for (flag, _), v in zip(swept, point) for a in (flag, v)]
+            for point in itertools.product(*(values for _, values in swept))]
+
+
+def sweep_names(cfgs: list[Config]) -> list[str]:
+    """Each SAE's name: the settings in which it differs from the others (topk-k16); "" alone."""
+    short = dict(act_fn="", top_k="k", expansion_factor="x", lr="lr", sparsity_coefficient="s",
+                 hook_point_in="", hook_point_out="to-", seed="seed")
+    value = lambda c, k: c.hook_out if k == "hook_point_out" else getattr(c, k)
+    varying = [k for k in SWEPT if len({getattr(c, k) for c in cfgs}) > 1]
+    return ["-".join(f"{short[k]}{value(c, k)}" for k in varying) for c in cfgs]
+
+
+def check_sweep(cfgs: list[Config]):
+    """The SAEs of a sweep differ from each other, share every setting but SWEPT, and can share one
+    activation stream."""
+    names = sweep_names(cfgs)
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"the sweep has the SAE {name or 'of these settings'} twice: give each setting once")
+    for c in cfgs[1:]:
+        differ = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(Config)
+                  if f.name not in SWEPT and getattr(c, f.name) != getattr(cfgs[0], f.name)]
+        if differ:
+            raise ValueError(f"{', '.join(differ)}: the SAEs of a sweep share it; set it once")
+    if cfgs[0].max_norm_ratio is not None and len({c.hook_point_in for c in cfgs}) > 1:
+        raise ValueError("--max-norm-ratio drops tokens by their norm at the input hook, which the SAEs "
+                         "of one stream share: sweep one --hook-point-in per run with it")
+
+
+def resumed_configs(path: str) -> dict:
+    """The settings of each SAE of the checkpointed run, writing into the folder of --resume PATH."""
+    folder = resumed_folder(path)
+    return {"saes": [{**c, "exp_result_path": folder} for c in load_checkpoint(path, warn=False)["configs"]]}
 
 
 def _type_ok(value, tp) -> bool:
@@ -629,21 +758,22 @@ def saved_run_config(folder: str) -> dict:
     return {k: v for k, v in saved.items() if k not in ("device", "generator_device")}
 
 
-def parse_args(argv: list[str]) -> Config:
+def parse_args(argv: list[str]) -> list[Config]:
     """tyro flags over an optional --config file over the run's own config: when resuming, or
-    evaluating a saved SAE (--eval-only)."""
+    evaluating a saved SAE (--eval-only). One Config per SAE: several values of a per-SAE flag, or
+    a config file's `saes` list, make a sweep."""
     import tyro
-    defaults = {}
+    defaults, saes = {}, [{}]
     # a resumed run writes into the folder it was given, never the one its checkpoint recorded
-    for flag, reader in (("--resume", lambda p: {**load_checkpoint(p, warn=False)["config"],
-                                                  "exp_result_path": resumed_folder(p)}),
-                         ("--eval-only", saved_run_config), ("--config", read_config_file)):
+    for flag, reader in (("--resume", resumed_configs), ("--eval-only", saved_run_config),
+                         ("--config", read_config_file)):
         for i, a in enumerate(argv):
             if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
-                value = a.split("=", 1)[1] if "=" in a else argv[i + 1]
-                defaults.update(reader(value))
-    return tyro.cli(Config, args=argv, default=Config(**defaults) if defaults else None,
-                    description=__doc__)
+                values = reader(a.split("=", 1)[1] if "=" in a else argv[i + 1])
+                saes = values.pop("saes", saes)
+                defaults.update(values)
+    return [tyro.cli(Config, args=args, default=Config(**{**defaults, **sae}), description=__doc__)
+            for sae in saes for args in expand_grid(argv)]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -692,11 +822,12 @@ def lock_run_folder(folder: str):
     os.write(fd, f"{os.getpid()}\n".encode())      # fd stays open: closing it would drop the lock
 
 
-def check_run_folder(cfg: Config, rank: int, world: int) -> dict | None:
+def check_run_folder(cfgs: list[Config], rank: int, world: int) -> dict | None:
     """Lock the run folder, and return the checkpoint to resume from, if any, checked against this
     run before the model loads. A new run may not write into a folder that holds another run's
     checkpoints. The partial files of a killed write (*.tmp) are removed: under the lock, no
     running process writes them."""
+    cfg = cfgs[0]
     folder = glob.escape(cfg.exp_result_path)
     if rank == 0:
         lock_run_folder(cfg.exp_result_path)
@@ -708,126 +839,172 @@ def check_run_folder(cfg: Config, rank: int, world: int) -> dict | None:
         raise ValueError(f"{cfg.exp_result_path} holds checkpoints of another run: continue it with "
                          f"--resume {cfg.exp_result_path}, or pick another --exp-result-path")
     if ckpt:
-        _check_compatible(ckpt["config"], cfg)
+        if len(ckpt["configs"]) != len(cfgs):
+            raise ValueError(f"--resume: the checkpoint holds {len(ckpt['configs'])} SAE(s), this run "
+                             f"trains {len(cfgs)}; resume with the settings it was started with")
+        for saved, c in zip(ckpt["configs"], cfgs):
+            _check_compatible(saved, c)
         if len(ckpt["data"]) != world:
             raise ValueError(f"--resume: the checkpoint was written by {len(ckpt['data'])} processes, "
                              f"this run has {world}; resume with the same --nproc_per_node")
     return ckpt
 
 
-def check_data(cfg: Config) -> dict | None:
+def check_data(cfgs: list[Config], device: str) -> dict | None:
     """What can be checked before the weights load (and before the run folder is looked at: a bad
-    setting is reported as such, whatever the folder holds): the model, hooks, text and k, or the
-    cache, which says what it holds. Returns the cache's manifest (None: training from the LM)."""
-    d_model = check_model_and_data(cfg)
+    setting is reported as such, whatever the folder holds): the sweep, the model, hooks, text, k
+    and memory, or the cache, which says what it holds. Returns the cache's manifest (None: training
+    from the LM)."""
+    cfg, hooks = cfgs[0], stream_hooks(cfgs)
+    check_sweep(cfgs)
+    d_model = check_model_and_data(cfg, hooks=hooks)
+    manifest = None
     if cfg.activations:
-        return acts.read_manifest(cfg.activations, {**{k: getattr(cfg, k) for k in CACHE_KEYS},
-                                                    "hook_point_out": cfg.hook_out})
-    if acts.is_d_model_wide(cfg.hook_point_in):
-        check_k(cfg, cfg.expansion_factor * d_model)
-    return None
+        manifest = acts.read_manifest(cfg.activations, {k: getattr(cfg, k) for k in CACHE_KEYS if k != "hook_point_in"})
+        have = acts.cache_columns(manifest)
+        if [h for h in hooks if h not in have] or cfg.max_norm_ratio is not None and manifest["hook_point_in"] != hooks[0]:
+            raise ValueError(f"--activations {cfg.activations}: the cache holds {', '.join(have)} (norms "
+                             f"measured at {manifest['hook_point_in']}), this run reads {', '.join(hooks)}")
+    widths = acts.cache_columns(manifest) if manifest else {h: d_model for h in hooks if acts.is_d_model_wide(h)}
+    for c in cfgs:
+        if c.hook_point_in in widths:
+            check_k(c, c.expansion_factor * widths[c.hook_point_in])
+    check_memory(cfgs, widths, device)
+    return manifest
 
 
-def open_data(cfg: Config, manifest: dict | None, rank: int, device: str):
-    """The LM, or a cache of its activations, and the widths of x and y. From a cache the LM loads
-    only where it evaluates during training: rank 0, with --eval-every (else at the end).
-    Returns (model, drop_ids, d_in, d_out)."""
+def open_data(cfg: Config, hooks: list[str], manifest: dict | None, rank: int, device: str):
+    """The LM, or a cache of its activations, and the width of each hook point in the stream's
+    columns, in order. From a cache the LM loads only where it evaluates during training: rank 0,
+    with --eval-every (else at the end). Returns (model, drop_ids, widths)."""
     if manifest:
         model, drop_ids = load_lm(cfg, device) if cfg.eval_every and rank == 0 else (None, None)
-        return model, drop_ids, manifest["d_in"], manifest["d_out"]
+        return model, drop_ids, acts.cache_columns(manifest)
     model, drop_ids = load_lm(cfg, device)
-    return model, drop_ids, *acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out)
+    return model, drop_ids, dict(zip(hooks, acts.hook_dims(model, hooks)))
 
 
-def lm_chunks(cfg: Config, model, drop_ids, device: str, rank: int, world: int, start: dict, sae_only: bool):
-    """Chunks of [x, y] rows (x alone for an SAE) from the LM, each with where the stream stands
-    after it: the next context to read and the massive activations dropped so far."""
+def lm_chunks(cfg: Config, hooks: list[str], model, drop_ids, device: str, rank: int, world: int, start: dict):
+    """Chunks of rows (each hook's activations side by side) from the LM, each with where the stream
+    stands after it: the next context to read and the massive activations dropped so far."""
     outliers = start["outliers"]
-    for a in train_activations(cfg, model, drop_ids, device, rank, world, start["next_context"]):
+    for a in train_activations(cfg, hooks, model, drop_ids, device, rank, world, start["next_context"]):
         outliers += a["outliers"]
-        yield (a["x"] if sae_only else torch.cat([a["x"], a["y"]], dim=1),
-               {"next_context": a["last"] + 1, "outliers": outliers})
+        yield a["x"], {"next_context": a["last"] + 1, "outliers": outliers}
 
 
-def activation_stream(cfg: Config, model, drop_ids, manifest, d_in: int, device: str, rank: int,
+def activation_stream(cfg: Config, hooks: list[str], model, drop_ids, manifest, device: str, rank: int,
                       world: int, position: dict):
     """This rank's training batches from `position` on (a checkpoint's, or the start): yields
-    (x (B, d_in), y (B, d_out), the position after this batch), in --dtype. The rows are [x, y], or
-    x alone for an SAE (y = x: half the memory and copying). Rank r's buffer is seeded perm_seed + r."""
-    sae_only = cfg.hook_out == cfg.hook_point_in
+    (rows (B, the hooks' widths summed), the position after this batch), in --dtype. An SAE's x and
+    y are two column ranges of the rows (the same one for an SAE: y = x, no copy); every SAE of a
+    sweep reads the same rows. Rank r's buffer is seeded perm_seed + r."""
     start = {"next_context": position["next_context"], "outliers": position.get("outliers", 0)}
     if cfg.activations:                        # next_context counts the cache's chunks here
-        chunks = ((xy.to(device), {"next_context": i + 1, "outliers": 0}) for i, xy in
+        chunks = ((rows.to(device), {"next_context": i + 1, "outliers": 0}) for i, rows in
                   acts.iter_cache(cfg.activations, manifest, cfg.perm_seed, rank, world, start["next_context"]))
     else:
-        chunks = lm_chunks(cfg, model, drop_ids, device, rank, world, start, sae_only)
-    for xy, mixed in acts.mix(chunks, cfg.buffer_size, cfg.batch_size // world, cfg.perm_seed + rank,
-                              cfg.generator_device or device, {**position["mix"], "source": start}):
-        xy = xy.to(device, getattr(torch, cfg.dtype))     # (a resumed buffer starts on the CPU)
+        chunks = lm_chunks(cfg, hooks, model, drop_ids, device, rank, world, start)
+    for rows, mixed in acts.mix(chunks, cfg.buffer_size, cfg.batch_size // world, cfg.perm_seed + rank,
+                                cfg.generator_device or device, {**position["mix"], "source": start}):
         source = mixed.pop("source")
-        yield xy[:, :d_in], xy if sae_only else xy[:, d_in:], {**source, "mix": mixed}
+        yield rows.to(device, getattr(torch, cfg.dtype)), {**source, "mix": mixed}   # (a resumed buffer: CPU)
 
 
 @dataclass
-class RunState:
-    """What a run carries from step to step besides the SAE and the optimizer."""
-    step: int
-    s_in: float                 # normalization: the SAE trains on x * s_in -> y * s_out
-    s_out: float
-    since_fired: torch.Tensor   # (d_sae,) tokens since each latent last fired
+class Member:
+    """One SAE of the run (a sweep trains several on one stream), and what it carries from step to
+    step besides its weights and optimizer."""
+    cfg: Config
+    name: str                   # "" alone; in a sweep, its folder's name under the run folder
+    folder: str                 # where its config.json, sae.safetensors, eval.json and log.jsonl go
+    sae: SAE
+    opt: torch.optim.Optimizer
+    cols: tuple[slice, slice]   # its x and y among the stream's columns
+    s_in: float = 1.0           # normalization: the SAE trains on x * s_in -> y * s_out
+    s_out: float = 1.0
+    since_fired: torch.Tensor | None = None     # (d_sae,) tokens since each latent last fired
+    window: acts.Stats | None = None            # the sums of the current log window
+    first_loss: float | None = None             # its first window's loss: what divergence is judged by
 
 
-def init_sae(cfg: Config, d_in: int, d_out: int, device: str, world: int, batches, ckpt: dict | None):
-    """The SAE and its optimizer: from the checkpoint, or fresh, with the normalization and the
-    initialization made from the first batch, which is then trained on too.
-    Returns (sae, opt, state, batches)."""
-    d_sae = cfg.expansion_factor * d_in
-    check_k(cfg, d_sae)
-    if device == "cpu" and cfg.batch_size // world * d_sae * 4 > 32 * 2 ** 20:   # large (B, m) tensors
+def member_folders(cfgs: list[Config]) -> list[str]:
+    """The run folder for one SAE; in a sweep, one folder per SAE inside it."""
+    if len(cfgs) == 1:
+        return [cfgs[0].exp_result_path]
+    return [os.path.join(cfgs[0].exp_result_path, name) for name in sweep_names(cfgs)]
+
+
+def init_members(cfgs: list[Config], widths: dict[str, int], device: str, world: int, batches, ckpt: dict | None):
+    """The SAEs and their optimizers: from the checkpoint, or fresh, with the normalization and the
+    initialization made from the first batch, which is then trained on too. Each SAE is made as in
+    a run of its own (its seed set just before), so a sweep's SAE is the one trained alone.
+    Returns (members, step, batches)."""
+    at = dict(zip(widths, itertools.accumulate(widths.values(), initial=0)))
+    cols = lambda hook: slice(at[hook], at[hook] + widths[hook])
+    if device == "cpu" and max(c.batch_size // world * c.expansion_factor * widths[c.hook_point_in] * 4
+                               for c in cfgs) > 32 * 2 ** 20:        # large (B, m) tensors
         keep_freed_memory()
-    torch.manual_seed(cfg.seed)   # here: every rank starts from the same SAE, whatever loading the LM drew
-    sae = SAE(d_in, d_sae, cfg.act_fn, cfg.top_k, d_out, cfg.hook_out != cfg.hook_point_in,
-              cfg.jumprelu_threshold_window, cfg.jumprelu_init_threshold,
-              dtype=getattr(torch, cfg.dtype), device=device)
-    opt = torch.optim.Adam(sae.param_groups(cfg.jumprelu_lr_factor), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+    first = None if ckpt else next(batches)
+    members = []
+    for i, (cfg, name, folder) in enumerate(zip(cfgs, sweep_names(cfgs), member_folders(cfgs))):
+        d_in, d_out = widths[cfg.hook_point_in], widths[cfg.hook_out]
+        check_k(cfg, cfg.expansion_factor * d_in)
+        torch.manual_seed(cfg.seed)   # here: every rank starts from the same SAE, whatever loading the LM drew
+        sae = SAE(d_in, cfg.expansion_factor * d_in, cfg.act_fn, cfg.top_k, d_out, cfg.hook_out != cfg.hook_point_in,
+                  cfg.jumprelu_threshold_window, cfg.jumprelu_init_threshold, dtype=getattr(torch, cfg.dtype), device=device)
+        opt = torch.optim.Adam(sae.param_groups(cfg.jumprelu_lr_factor), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+        m = Member(cfg, name, folder, sae, opt, (cols(cfg.hook_point_in), cols(cfg.hook_out)))
+        if ckpt:
+            saved = ckpt["saes"][i]
+            sae.load_state_dict(saved["sae"])
+            opt.load_state_dict(saved["opt"])
+            m.s_in, m.s_out, m.since_fired = saved["s_in"], saved["s_out"], saved["since_fired"].to(device)
+        else:
+            init_from_batch_(m, first[0], world)
+        members.append(m)
     if ckpt:
-        sae.load_state_dict(ckpt["sae"])
-        opt.load_state_dict(ckpt["opt"])
         torch.set_rng_state(ckpt["rng"])
-        print0(f"resumed from step {ckpt['step']} ({cfg.resume})")
-        return sae, opt, RunState(ckpt["step"], ckpt["s_in"], ckpt["s_out"], ckpt["since_fired"].to(device)), batches
-    first = next(batches)
-    x0, y0 = first[0].float(), first[1].float()
+        print0(f"resumed from step {ckpt['step']} ({cfgs[0].resume})")
+        return members, ckpt["step"], batches
+    return members, 0, itertools.chain([first], batches)
+
+
+@torch.no_grad()
+def init_from_batch_(m: Member, rows: torch.Tensor, world: int):
+    """A fresh SAE's normalization, b_dec and decoder norm, from the first batch."""
+    cfg, x0, y0 = m.cfg, rows[:, m.cols[0]].float(), rows[:, m.cols[1]].float()
     # One dataset-wide constant each for x and y so that mean ||x|| = sqrt(d). Averaged over ranks,
     # like the initial b_dec, so that every rank starts from the same SAE.
-    s = torch.tensor([d_in ** 0.5 / x0.norm(dim=1).mean(), d_out ** 0.5 / y0.norm(dim=1).mean()],
-                     device=device) if cfg.normalize_activations else torch.ones(2, device=device)
-    s_in, s_out = rank_mean(s).tolist()
-    with torch.no_grad():
-        sae.b_dec.copy_(rank_mean(y0.mean(0)) * s_out)         # initial b_dec = mean of the targets
+    s = torch.tensor([x0.shape[1] ** 0.5 / x0.norm(dim=1).mean(), y0.shape[1] ** 0.5 / y0.norm(dim=1).mean()],
+                     device=rows.device) if cfg.normalize_activations else torch.ones(2, device=rows.device)
+    m.s_in, m.s_out = rank_mean(s).tolist()
+    m.sae.b_dec.copy_(rank_mean(y0.mean(0)) * m.s_out)         # initial b_dec = mean of the targets
     if cfg.grid_search_init_norm:
         # each rank's MSE at each r, averaged over ranks: the search sees the global batch and every
         # rank picks the same r (on its own batch alone, the ranks' r would differ)
-        sae.train()
-        r = sae.grid_search_init_norm_((x0 * s_in).to(sae.W_enc.dtype), y0 * s_out,
-                                       k_at(0, cfg, cfg.total_training_tokens // cfg.batch_size), rank_mean)
-        sae.threshold.fill_(-1.0)                              # forget the search's batches
-        print0(f"grid search: decoder rows start at norm {r:.3f}")
-    since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
-    return sae, opt, RunState(0, s_in, s_out, since_fired), itertools.chain([first], batches)
+        m.sae.train()
+        r = m.sae.grid_search_init_norm_((x0 * m.s_in).to(m.sae.W_enc.dtype), y0 * m.s_out,
+                                         k_at(0, cfg, cfg.total_training_tokens // cfg.batch_size), rank_mean)
+        m.sae.threshold.fill_(-1.0)                            # forget the search's batches
+        print0(f"grid search: decoder rows start at norm {r:.3f}" + (f" ({m.name})" if m.name else ""))
+    m.since_fired = torch.zeros(m.sae.d_sae, dtype=torch.long, device=rows.device)
 
 
-def start_run_folder(cfg: Config, resumed_step: int | None):
-    """Rank 0: train_config.json (the settings, and the code that ran them) and log.jsonl, which a
-    new run starts anew and a resumed one cuts after its checkpoint (and a line cut short by a kill)."""
-    os.makedirs(cfg.exp_result_path, exist_ok=True)
-    write_json({**run_config(cfg), "code": code_version()}, os.path.join(cfg.exp_result_path, "train_config.json"))
-    log_path = os.path.join(cfg.exp_result_path, "log.jsonl")
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            keep = [l for l in f if resumed_step is not None and l.endswith("\n")
-                    and json.loads(l)["step"] <= resumed_step]
-        acts.write_atomic(log_path, "".join(keep))
+def start_run_folder(members: list[Member], resumed_step: int | None):
+    """Rank 0: each SAE's train_config.json (its settings, as a run of its own would record them,
+    and the code that ran them) and log.jsonl, which a new run starts anew and a resumed one cuts
+    after its checkpoint (and a line cut short by a kill)."""
+    for m in members:
+        os.makedirs(m.folder, exist_ok=True)
+        write_json({**run_config(m.cfg), "exp_result_path": m.folder, "code": code_version()},
+                   os.path.join(m.folder, "train_config.json"))
+        log_path = os.path.join(m.folder, "log.jsonl")
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                keep = [l for l in f if resumed_step is not None and l.endswith("\n")
+                        and json.loads(l)["step"] <= resumed_step]
+            acts.write_atomic(log_path, "".join(keep))
 
 
 def loss_terms(cfg: Config, sae: SAE, code, y, y_hat, step: int, total_steps: int, dead_M) -> dict:
@@ -866,22 +1043,67 @@ def sync_state_(sae: SAE, fired_M: torch.Tensor, world: int):
             sae.threshold /= world
 
 
-def write_checkpoint(cfg: Config, sae: SAE, opt, st: RunState, position: dict, wandb_run, rank: int, world: int):
-    """Every rank's data position, gathered to rank 0, which writes the checkpoint. The mixing
-    buffer goes on the CPU, and only its rows: pickled, a view of a GPU tensor is all of its storage."""
+def train_step(m: Member, rows: torch.Tensor, step: int, total_steps: int, dead_tokens: int,
+               autocast, world: int) -> tuple[torch.Tensor, int, float]:
+    """One optimizer step of one SAE on its columns of the batch. Returns (loss, k, lr)."""
+    cfg, sae = m.cfg, m.sae
+    x, y = rows[:, m.cols[0]] * m.s_in, rows[:, m.cols[1]] * m.s_out
+    k, lr = k_at(step, cfg, total_steps), lr_at(step, cfg, total_steps)
+    for group in m.opt.param_groups:
+        group["lr"] = lr * group.get("lr_factor", 1.0)
+    sae.train()
+    with autocast:
+        y_hat, code = sae(x, k)
+        terms = loss_terms(cfg, sae, code, y, y_hat, step, total_steps, m.since_fired >= dead_tokens)
+        loss = sum(terms.values())
+    m.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients_(sae, world)
+    m.opt.step()
+    fired = code.fired(sae.d_sae)
+    m.window.add(y.float(), y_hat.detach().float(), fired, {**terms, "loss": loss})
+    sync_state_(sae, fired, world)
+    m.since_fired += cfg.batch_size
+    m.since_fired[fired > 0] = 0
+    return loss, k, lr
+
+
+def log_window(m: Member, step: int, k: int, lr: float, outliers: int, dead_tokens: int, seconds: float,
+               bar, wandb_run, world: int):
+    """The end of a log window (every rank: the sums are all-reduced): the status line, log.jsonl
+    and W&B, then a new window. A loss grown 100x over the first window's, or an explained variance
+    below -1, is a diverging run: stopped like a nan one, before its weights are checkpointed."""
+    r = m.window.read(rank_sum, world)
+    r.update(step=step, tokens=step * m.cfg.batch_size, k=k, lr=lr, outliers_dropped=outliers,
+             dead=(m.since_fired >= dead_tokens).float().mean().item(), tokens_per_s=r["n"] / seconds)
+    log(r, bar, wandb_run, m.folder, m.name)
+    m.window = acts.Stats(m.sae.d_out, m.sae.d_sae, m.since_fired.device)
+    m.first_loss = m.first_loss or r["loss"]
+    if r["explained_variance"] < -1 or r["loss"] > 100 * m.first_loss:
+        raise FloatingPointError(f"{m.name + ': ' if m.name else ''}the run diverges at step {step} (loss "
+                                 f"{r['loss']:.3g}, at first {m.first_loss:.3g}; explained variance "
+                                 f"{r['explained_variance']:.3g}): lower --lr (checkpoints written before "
+                                 f"this step are kept)")
+
+
+def write_checkpoint(cfg: Config, members: list[Member], step: int, position: dict, wandb_run, rank: int, world: int):
+    """Every rank's data position, gathered to rank 0, which writes the checkpoint: one file holds
+    every SAE of the run. The mixing buffer goes on the CPU, and only its rows: pickled, a view of
+    a GPU tensor is all of its storage."""
     position = {**position, "mix": {k: v.cpu().clone() if k == "buf" else v for k, v in position["mix"].items()}}
     positions = [position]
     if world > 1:
         positions = [None] * world if rank == 0 else None
         dist.gather_object(position, positions, dst=0)
     if rank == 0:
+        saes = [dict(sae=m.sae.state_dict(), opt=m.opt.state_dict(), s_in=m.s_in, s_out=m.s_out,
+                     since_fired=m.since_fired.cpu()) for m in members]
         save_checkpoint(os.path.join(cfg.exp_result_path, "checkpoints"), dict(
-            step=st.step, sae=sae.state_dict(), opt=opt.state_dict(), s_in=st.s_in, s_out=st.s_out,
-            since_fired=st.since_fired.cpu(), rng=torch.get_rng_state(), data=positions,
-            config=run_config(cfg), wandb_id=wandb_run.id if wandb_run else None), cfg.keep_checkpoints)
+            step=step, saes=saes, configs=[run_config(m.cfg) for m in members], rng=torch.get_rng_state(),
+            data=positions, wandb_id=wandb_run.id if wandb_run else None), cfg.keep_checkpoints)
 
 
-def evaluate_during_training(cfg: Config, sae: SAE, st: RunState, model, drop_ids, wandb_run,
+def evaluate_during_training(members: list[Member], step: int, model, drop_ids, wandb_run,
                              device: str, stop: threading.Event):
     """--eval-every (rank 0). A signal stops it at once and the loop checkpoints: a scheduler's
     kill follows its SIGTERM (torchrun's and Slurm's some 30 s later)."""
@@ -889,146 +1111,192 @@ def evaluate_during_training(cfg: Config, sae: SAE, st: RunState, model, drop_id
         with caught_signals():
             if stop.is_set():       # a signal that came just before this handler took over
                 raise KeyboardInterrupt
-            result = evaluate(folded(sae, st.s_in, st.s_out), model, cfg, drop_ids, device)
-        print_eval(result, f"held-out evaluation at step {st.step}")
-        wandb_log(wandb_run, "eval", result, st.step)
+            results = evaluate_members(members, [[folded(m.sae, m.s_in, m.s_out)] for m in members],
+                                       model, drop_ids, device)
+        for m, (result,) in zip(members, results):
+            print_eval(result, f"held-out evaluation at step {step}" + (f" ({m.name})" if m.name else ""))
+            wandb_log(wandb_run, m.name + "/eval" if m.name else "eval", result, step)
     except KeyboardInterrupt:
         stop.set()
-        print0(f"held-out evaluation at step {st.step} stopped by a signal")
+        print0(f"held-out evaluation at step {step} stopped by a signal")
 
 
-def train_loop(cfg: Config, sae: SAE, opt, st: RunState, batches, model, drop_ids, wandb_run,
-               rank: int, world: int, device: str) -> RunState:
-    """Train until the last step, or a signal (SIGTERM, SIGINT: the step ends, a checkpoint is
-    written). Checkpoints every checkpoint_every steps and every checkpoint_minutes."""
+def train_loop(cfg: Config, members: list[Member], step: int, batches, model, drop_ids, wandb_run,
+               rank: int, world: int, device: str) -> int:
+    """Train every SAE on each batch until the last step, or a signal (SIGTERM, SIGINT: the step
+    ends, a checkpoint is written). Checkpoints every checkpoint_every steps and every
+    checkpoint_minutes. Returns the step reached."""
     total_steps = cfg.total_training_tokens // cfg.batch_size
     dead_tokens = min(cfg.dead_tokens, cfg.total_training_tokens // 10)
     autocast = torch.autocast(torch.device(device).type, dtype=getattr(torch, cfg.amp_dtype),
                               enabled=cfg.amp_dtype != "float32")
-    window, stop, position = acts.Stats(sae.d_out, sae.d_sae, device), threading.Event(), None
+    for m in members:
+        m.window = acts.Stats(m.sae.d_out, m.sae.d_sae, device)
+    stop, position = threading.Event(), None
     t0 = saved_at = time.time()
-    with progress_bar(total_steps * cfg.batch_size, st.step * cfg.batch_size, rank) as bar, caught_signals(stop):
-        while st.step < total_steps:
+    with progress_bar(total_steps * cfg.batch_size, step * cfg.batch_size, rank) as bar, caught_signals(stop):
+        while step < total_steps:
             try:
-                x, y, position = next(batches)
+                rows, position = next(batches)
             except ValueError as e:  # bad data (a broken line deep in a .jsonl): keep the steps done
                 if world > 1 or position is None:   # (under torchrun the other ranks wait in a collective)
                     raise
-                write_checkpoint(cfg, sae, opt, st, position, wandb_run, rank, world)
-                raise ValueError(f"{e} (checkpoint written at step {st.step}: fix the data, then "
+                write_checkpoint(cfg, members, step, position, wandb_run, rank, world)
+                raise ValueError(f"{e} (checkpoint written at step {step}: fix the data, then "
                                  f"--resume {cfg.exp_result_path})") from None
-            x, y = x * st.s_in, y * st.s_out
-            k, lr = k_at(st.step, cfg, total_steps), lr_at(st.step, cfg, total_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr * group.get("lr_factor", 1.0)
-            sae.train()
-            with autocast:
-                y_hat, code = sae(x, k)
-                terms = loss_terms(cfg, sae, code, y, y_hat, st.step, total_steps, st.since_fired >= dead_tokens)
-                loss = sum(terms.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            average_gradients_(sae, world)
-            opt.step()
-            fired = code.fired(sae.d_sae)
-            window.add(y.float(), y_hat.detach().float(), fired, {**terms, "loss": loss})
-            sync_state_(sae, fired, world)
-            st.since_fired += cfg.batch_size
-            st.since_fired[fired > 0] = 0
-            st.step += 1
+            stepped = [train_step(m, rows, step, total_steps, dead_tokens, autocast, world) for m in members]
+            step += 1
             bar.update(cfg.batch_size)
 
-            if st.step % cfg.log_frequency == 0 or st.step == total_steps:
-                m = window.read(rank_sum, world)                 # every rank's tokens and loss terms
-                outliers = rank_sum(torch.tensor(float(position["outliers"]), device=device))
-                m.update(step=st.step, tokens=st.step * cfg.batch_size, k=k, lr=lr, outliers_dropped=int(outliers),
-                         dead=(st.since_fired >= dead_tokens).float().mean().item(),
-                         tokens_per_s=m["n"] / (time.time() - t0))
-                log(m, bar, wandb_run, cfg.exp_result_path)
-                window, t0 = acts.Stats(sae.d_out, sae.d_sae, device), time.time()
-            if (cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < total_steps and rank == 0
-                    and not stop.is_set()):
-                evaluate_during_training(cfg, sae, st, model, drop_ids, wandb_run, device, stop)
+            if step % cfg.log_frequency == 0 or step == total_steps:
+                outliers = int(rank_sum(torch.tensor(float(position["outliers"]), device=device)))
+                for m, (_, k, lr) in zip(members, stepped):
+                    log_window(m, step, k, lr, outliers, dead_tokens, time.time() - t0, bar, wandb_run, world)
+                t0 = time.time()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and rank == 0 and not stop.is_set():
+                evaluate_during_training(members, step, model, drop_ids, wandb_run, device, stop)
 
             due = cfg.checkpoint_minutes and time.time() - saved_at > 60 * cfg.checkpoint_minutes
-            flags = torch.tensor([float(stop.is_set()), float(due), float(not math.isfinite(loss.item()))],
-                                 device=device)
+            losses = torch.stack([loss.detach().float() for loss, _, _ in stepped])
+            flags = torch.tensor([float(stop.is_set()), float(due), float(not losses.isfinite().all())], device=device)
             if world > 1:
                 dist.all_reduce(flags)          # any rank's signal, clock or nan: every rank agrees
             stop_now, due, diverged = flags.tolist()
             if diverged:                        # no checkpoint of nan weights: the last one stays
-                raise FloatingPointError(f"the loss is nan or inf at step {st.step}: lower --lr" + (
-                    " or use --amp-dtype bfloat16 (float16 overflows)" if cfg.amp_dtype == "float16" else "") +
-                    " (checkpoints written before this step are kept)")
-            if stop_now or due or (cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0):
+                name = next((m.name for m, l in zip(members, losses) if not l.isfinite()), "")
+                raise FloatingPointError(f"{name + ': ' if name else ''}the loss is nan or inf at step {step}: "
+                                         f"lower --lr" + (" or use --amp-dtype bfloat16 (float16 overflows)"
+                                         if cfg.amp_dtype == "float16" else "") +
+                                         " (checkpoints written before this step are kept)")
+            if stop_now or due or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 saved_at = time.time()
-                write_checkpoint(cfg, sae, opt, st, position, wandb_run, rank, world)
+                write_checkpoint(cfg, members, step, position, wandb_run, rank, world)
                 if stop_now:
-                    print0(f"stopped by a signal at step {st.step}; checkpoint written, resume with "
+                    print0(f"stopped by a signal at step {step}; checkpoint written, resume with "
                            f"--resume {cfg.exp_result_path}")
                     break
-    return st
+    return step
 
 
-def check_ranks_agree(sae: SAE, rank: int, world: int):
-    """Every rank must hold the same SAE at the end: checked, not assumed."""
+def check_ranks_agree(members: list[Member], rank: int, world: int):
+    """Every rank must hold the same SAEs at the end: checked, not assumed."""
     if world > 1:
-        flat = torch.cat([p.detach().flatten() for p in sae.parameters()])
+        flat = torch.cat([p.detach().flatten() for m in members for p in m.sae.parameters()])
         ref = flat.clone()
         dist.broadcast(ref, 0)
         assert torch.equal(ref, flat), f"rank {rank} ended with weights that differ from rank 0's"
 
 
-def save_and_evaluate(cfg: Config, sae: SAE, st: RunState, model, drop_ids, wandb_run, device: str) -> dict:
-    """Rank 0: save the SAE with the normalization folded in (a BatchTopK one also converted to
-    JumpReLU, in jumprelu/ beside it), then evaluate on held-out text and write eval.json."""
-    extra = {"train": run_config(cfg), "code": code_version(), "norm_scale_in": st.s_in, "norm_scale_out": st.s_out}
-    saes, folder = [folded(sae, st.s_in, st.s_out)], os.path.join(cfg.exp_result_path, "jumprelu")
-    saes[0].save(cfg.exp_result_path, extra)
-    if cfg.act_fn == "batchtopk":
-        saes.append(folded(sae, st.s_in, st.s_out).to_jumprelu_())
-        saes[1].save(folder, extra)
-    elif os.path.exists(os.path.join(folder, "sae.safetensors")):   # an earlier run's, in this folder
-        shutil.rmtree(folder)
+def save_and_evaluate(cfg: Config, members: list[Member], step: int, model, drop_ids, wandb_run,
+                      device: str) -> dict:
+    """Rank 0: save each SAE with the normalization folded in (a BatchTopK one also converted to
+    JumpReLU, in jumprelu/ beside it), then evaluate them on held-out text and write each eval.json;
+    a sweep also writes its summary. Returns the results (a sweep's: by SAE name)."""
+    code, saes = code_version(), []
+    for m in members:
+        extra = {"train": {**run_config(m.cfg), "exp_result_path": m.folder}, "code": code,
+                 "norm_scale_in": m.s_in, "norm_scale_out": m.s_out}
+        saes.append([folded(m.sae, m.s_in, m.s_out)])
+        saes[-1][0].save(m.folder, extra)
+        converted = os.path.join(m.folder, "jumprelu")
+        if m.cfg.act_fn == "batchtopk":
+            saes[-1].append(folded(m.sae, m.s_in, m.s_out).to_jumprelu_())
+            saes[-1][1].save(converted, extra)
+        elif os.path.exists(os.path.join(converted, "sae.safetensors")):   # an earlier run's, in this folder
+            shutil.rmtree(converted)
     # Stopped from here on (Ctrl-C, or a scheduler's SIGTERM, which would kill silently), the run says
-    # that its SAE is saved and how to evaluate it.
+    # that its SAEs are saved and how to evaluate them.
     try:
         with caught_signals():
-            if model is None:   # trained from a cache: the LM is needed only now, once the SAE is saved
+            if model is None:   # trained from a cache: the LM is needed only now, once the SAEs are saved
                 model, drop_ids = load_lm(cfg, device)
-            result, *converted = evaluate(saes, model, cfg, drop_ids, device)
+            results = evaluate_members(members, saes, model, drop_ids, device)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"before the evaluation ended; the SAE is saved: evaluate it with "
-                                f"--eval-only {cfg.exp_result_path}") from None
-    print_eval(result, f"held-out evaluation ({cfg.exp_result_path})", cfg.exp_result_path)
-    if converted:
-        result["jumprelu"] = converted[0]
-        print_eval(result["jumprelu"], f"converted to JumpReLU ({folder})", folder)
-    wandb_log(wandb_run, "eval", result, st.step)
+                                f"--eval-only {members[0].folder}") from None
+    out = {}
+    for m, (result, *converted) in zip(members, results):
+        print_eval(result, f"held-out evaluation ({m.folder})", m.folder)
+        if converted:
+            result["jumprelu"] = converted[0]
+            print_eval(result["jumprelu"], f"converted to JumpReLU ({m.folder}/jumprelu)", os.path.join(m.folder, "jumprelu"))
+        wandb_log(wandb_run, m.name + "/eval" if m.name else "eval", result, step)
+        out[m.name] = result
+    if len(members) > 1:
+        write_sweep_summary(cfg.exp_result_path, members, out)
     if wandb_run:
         wandb_run.finish()
-    return result
+    return out if len(members) > 1 else out[""]
 
 
-def main(cfg: Config) -> dict:
-    """One training run: the held-out evaluation's results ({"stopped_at": step} after a signal)."""
-    rank, world, device = setup_processes(cfg)
-    cfg = resolve_dtypes(cfg, device)
-    manifest = check_data(cfg)
-    ckpt = check_run_folder(cfg, rank, world)
-    wandb_run = start_wandb(cfg, ckpt) if rank == 0 and (cfg.wandb_project or cfg.exp_name) else None
-    model, drop_ids, d_in, d_out = open_data(cfg, manifest, rank, device)
+SUMMARY = ("explained_variance", "explained_variance_typical", "l0", "dead", "ultra_rare",
+           "ce_loss_recovered", "delta_lm_loss", "kl_clean_sae")
+
+
+def write_sweep_summary(folder: str, members: list[Member], results: dict):
+    """sweep.json and sweep.csv, one row per SAE (its settings, its held-out metrics), and
+    frontier.png: L0 against explained variance and against CE loss recovered, a line per
+    setting other than k (or the sparsity coefficient), a row of panels per pair of hook points."""
+    import csv
+    import io
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [{"name": m.name, **{k: getattr(m.cfg, k) for k in SWEPT}, "hook_point_out": m.cfg.hook_out,
+             **{k: results[m.name][k] for k in SUMMARY}} for m in members]
+    write_json({"saes": rows}, os.path.join(folder, "sweep.json"))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    acts.write_atomic(os.path.join(folder, "sweep.csv"), text.getvalue())
+
+    hooks = list(dict.fromkeys((r["hook_point_in"], r["hook_point_out"]) for r in rows))
+    along = ("top_k", "sparsity_coefficient", "hook_point_in", "hook_point_out")    # along a line
+    varying = [k for k in SWEPT if k not in along and len({r[k] for r in rows}) > 1]
+    fig, axes = plt.subplots(len(hooks), 2, figsize=(11, 4.2 * len(hooks)), squeeze=False)
+    for panels, (h_in, h_out) in zip(axes, hooks):
+        here = [r for r in rows if (r["hook_point_in"], r["hook_point_out"]) == (h_in, h_out)]
+        for ax, metric, label in zip(panels, ("explained_variance", "ce_loss_recovered"),
+                                     ("explained variance (held out)", "CE loss recovered (held out)")):
+            for line in dict.fromkeys(tuple(r[k] for k in varying) for r in here):
+                pts = sorted((r["l0"], r[metric]) for r in here if tuple(r[k] for k in varying) == line)
+                ax.plot(*zip(*pts), marker="o", label=" ".join(f"{k}={v}" if k != "act_fn" else v
+                                                             for k, v in zip(varying, line)) or None)
+            ax.set_xscale("log")
+            ax.set(xlabel="L0 (latents active per token)", ylabel=label,
+                   title=h_in if h_in == h_out else f"{h_in} -> {h_out}")
+            ax.grid(alpha=0.3, which="both")
+            if varying:
+                ax.legend()
+    fig.tight_layout()
+    acts.write_atomic(os.path.join(folder, "frontier.png"), lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def main(cfgs: Config | list[Config]) -> dict:
+    """One training run: one SAE, or a sweep of several (one Config each, differing only in SWEPT)
+    trained on one activation stream. Returns the held-out evaluation's results (a sweep's by SAE
+    name; {"stopped_at": step} after a signal)."""
+    cfgs = [cfgs] if isinstance(cfgs, Config) else cfgs
+    rank, world, device = setup_processes(cfgs[0])
+    cfgs = resolve_dtypes(cfgs, device)
+    cfg, hooks = cfgs[0], stream_hooks(cfgs)       # cfg: the settings the SAEs share
+    manifest = check_data(cfgs, device)
+    ckpt = check_run_folder(cfgs, rank, world)
+    wandb_run = start_wandb(cfgs, ckpt) if rank == 0 and (cfg.wandb_project or cfg.exp_name) else None
+    model, drop_ids, widths = open_data(cfg, hooks, manifest, rank, device)
     position = ckpt["data"][rank] if ckpt else {"next_context": 0, "outliers": 0, "mix": {}}
-    batches = activation_stream(cfg, model, drop_ids, manifest, d_in, device, rank, world, position)
-    sae, opt, st, batches = init_sae(cfg, d_in, d_out, device, world, batches, ckpt)
+    batches = activation_stream(cfg, hooks, model, drop_ids, manifest, device, rank, world, position)
+    members, step, batches = init_members(cfgs, widths, device, world, batches, ckpt)
     if rank == 0:
-        start_run_folder(cfg, st.step if ckpt else None)
-    st = train_loop(cfg, sae, opt, st, batches, model, drop_ids, wandb_run, rank, world, device)
-    if st.step < cfg.total_training_tokens // cfg.batch_size:      # stopped by a signal, checkpointed
+        start_run_folder(members, step if ckpt else None)
+    step = train_loop(cfg, members, step, batches, model, drop_ids, wandb_run, rank, world, device)
+    if step < cfg.total_training_tokens // cfg.batch_size:      # stopped by a signal, checkpointed
         end_processes(world)
-        return {"stopped_at": st.step}
-    check_ranks_agree(sae, rank, world)
-    result = save_and_evaluate(cfg, sae, st, model, drop_ids, wandb_run, device) if rank == 0 else {}
+        return {"stopped_at": step}
+    check_ranks_agree(members, rank, world)
+    result = save_and_evaluate(cfg, members, step, model, drop_ids, wandb_run, device) if rank == 0 else {}
     end_processes(world)
     return result
 
@@ -1037,29 +1305,30 @@ def main(cfg: Config) -> dict:
 # the other two commands: write an activation cache, evaluate a saved SAE
 
 
-def cache_main(cfg: Config) -> dict:
+def cache_main(cfgs: Config | list[Config]) -> dict:
     """--cache-activations DIR: write total_training_tokens of the activation stream (held-out
-    contexts excluded) to DIR, so that runs with --activations DIR skip the LM entirely."""
+    contexts excluded) to DIR, so that runs with --activations DIR skip the LM entirely. Several
+    hook points (a sweep's) are cached side by side, from one LM forward."""
+    cfgs = [cfgs] if isinstance(cfgs, Config) else cfgs
+    cfg, hooks = cfgs[0], stream_hooks(cfgs)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("--cache-activations runs in one process (the LM forward is the cost); "
                          "train from the cache under torchrun")
     if os.path.exists(os.path.join(cfg.cache_activations, "manifest.json")):       # before the LM loads
         raise ValueError(f"{cfg.cache_activations} already holds a complete cache; train from it "
                          f"with --activations {cfg.cache_activations}")
+    check_sweep(cfgs)
     device = default_device(cfg)
-    cfg = resolve_dtypes(cfg, device)
-    check_model_and_data(cfg)
+    cfg = resolve_dtypes([cfg], device)[0]
+    check_model_and_data(cfg, hooks=hooks)
     model, drop_ids = load_lm(cfg, device)
-    d_in, d_out = acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out)
-    manifest = {k: getattr(cfg, k) for k in CACHE_KEYS}
-    manifest.update(hook_point_out=cfg.hook_out, sae=cfg.hook_out == cfg.hook_point_in,
-                    d_in=d_in, d_out=d_out)
+    manifest = {**{k: getattr(cfg, k) for k in CACHE_KEYS}, "hooks": hooks, "widths": acts.hook_dims(model, hooks)}
     with progress_bar(cfg.total_training_tokens, 0, 0) as bar:
-        stream = train_activations(cfg, model, drop_ids, device, passes=1)
+        stream = train_activations(cfg, hooks, model, drop_ids, device, passes=1)
         manifest = acts.write_cache(cfg.cache_activations, (bar.update(len(a["x"])) or a for a in stream),
                                     manifest, cfg.total_training_tokens)
-    print0(f"cached {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards at "
-           f"{cfg.cache_activations}; train with --activations {cfg.cache_activations}")
+    print0(f"cached {manifest['tokens']:,} tokens of {', '.join(hooks)} in {len(manifest['shards'])} "
+           f"shards at {cfg.cache_activations}; train with --activations {cfg.cache_activations}")
     return manifest
 
 
@@ -1082,10 +1351,10 @@ def eval_only(cfg: Config) -> dict:
                              f"{reads} tokens of text; the run held out only its first {held_out} (the "
                              f"rest it trained on): ask for fewer, or give --eval-dataset")
     device = default_device(cfg)
-    cfg = resolve_dtypes(cfg, device)
+    cfg = resolve_dtypes([cfg], device)[0]
     check_model_and_data(cfg, training=False)          # before the LM loads: its hooks, the held-out text
     model, drop_ids = load_lm(cfg, device)
-    if (sae.d_in, sae.d_out) != acts.hook_dims(model, cfg.hook_point_in, cfg.hook_out):
+    if [sae.d_in, sae.d_out] != acts.hook_dims(model, [cfg.hook_point_in, cfg.hook_out]):
         raise ValueError(f"{folder}: the SAE maps {sae.d_in} -> {sae.d_out}, {cfg.model}'s "
                          f"{cfg.hook_point_in} -> {cfg.hook_out} is not that; give --model and --hook-point-in")
     result = evaluate(sae.to(device), model, cfg, drop_ids, device)
@@ -1095,13 +1364,15 @@ def eval_only(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     try:
-        cfg = parse_args(sys.argv[1:])
-        if cfg.eval_only:
-            eval_only(cfg)
-        elif cfg.cache_activations:
-            cache_main(cfg)
+        cfgs = parse_args(sys.argv[1:])
+        if cfgs[0].eval_only and len(cfgs) > 1:
+            raise ValueError("--eval-only evaluates one saved SAE: give each setting once")
+        if cfgs[0].eval_only:
+            eval_only(cfgs[0])
+        elif cfgs[0].cache_activations:
+            cache_main(cfgs)
         else:
-            main(cfg)
+            main(cfgs)
     except (ValueError, FileNotFoundError, FloatingPointError, acts.WriteError) as e:   # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -97,8 +97,7 @@ def test_special_tokens_never_reach_the_sae(tiny_model):
     tokens = torch.stack([c for _, c in ctxs])
     # Mark each position by its token id through a hook-free check: the number of kept rows and
     # the rows themselves must be exactly those of the non-special positions.
-    out = list(acts.iter_activations(tiny_model, iter(ctxs), "blocks.1.hook_resid_post",
-                                     "blocks.1.hook_resid_post", drop, n_contexts=4))
+    out = list(acts.iter_activations(tiny_model, iter(ctxs), ["blocks.1.hook_resid_post"], drop, n_contexts=4))
     x = torch.cat([o["x"] for o in out])
     keep = ~torch.isin(tokens, drop)
     assert len(x) == keep.sum() < tokens.numel()
@@ -184,13 +183,17 @@ def test_max_norm_ratio_drops_outliers_and_counts_them(tiny_model):
     ctxs = list(acts.iter_contexts(lambda: texts(), tok, 16, passes=1))[:4]
     drop = acts.special_token_ids(tok)
     hook = "blocks.1.hook_resid_post"
-    a, = acts.iter_activations(tiny_model, iter(ctxs), hook, hook, drop, n_contexts=4)
-    b, = acts.iter_activations(tiny_model, iter(ctxs), hook, hook, drop, n_contexts=4, max_norm_ratio=1.0)
-    x_all, n0, x, y, n_out = a["x"], a["outliers"], b["x"], b["y"], b["outliers"]
+    a, = acts.iter_activations(tiny_model, iter(ctxs), [hook], drop, n_contexts=4)
+    b, = acts.iter_activations(tiny_model, iter(ctxs), [hook], drop, n_contexts=4, max_norm_ratio=1.0)
+    x_all, n0, x, n_out = a["x"], a["outliers"], b["x"], b["outliers"]
     norms = x_all.norm(dim=1)
     assert n0 == 0 and n_out == int((norms > norms.median()).sum()) > 0
-    assert len(x) == len(x_all) - n_out and torch.equal(x, y)
+    assert len(x) == len(x_all) - n_out and torch.equal(x, x_all[norms <= norms.median()])
     assert (x.norm(dim=1) <= norms.median() + 1e-6).all()
+    # several hooks side by side, filtered by the first one's norms
+    c, = acts.iter_activations(tiny_model, iter(ctxs), [hook, "blocks.0.hook_resid_post"], drop, n_contexts=4,
+                               max_norm_ratio=1.0)
+    assert c["x"].shape == (len(x), 64) and torch.equal(c["x"][:, :32], x) and c["outliers"] == n_out
 
 
 def test_bridge_activations_equal_a_raw_hf_forward(tiny_model, tiny_model_path):

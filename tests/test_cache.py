@@ -28,7 +28,7 @@ def test_cache_round_trips_exactly_and_trains(tiny_model, tiny_model_path, tmp_p
     # recompute the same stream directly
     cfg = tiny_cfg(tiny_model_path, tmp_path / "x")
     ctx = acts.iter_contexts(train._texts(cfg), tiny_model.tokenizer, 64, held_out=16, passes=1)
-    stream = acts.iter_activations(tiny_model, ctx, cfg.hook_point_in, cfg.hook_point_in,
+    stream = acts.iter_activations(tiny_model, ctx, [cfg.hook_point_in],
                                    acts.special_token_ids(tiny_model.tokenizer), 4, "cpu", cfg.max_norm_ratio)
     x = torch.cat([a["x"] for a, _ in zip(stream, range(100))])[:20_000]
     assert torch.equal(shard["x"], x) and "y" not in shard
@@ -51,7 +51,7 @@ def test_incomplete_or_mismatched_caches_are_refused(tiny_model_path, tmp_path):
     train.cache_main(tiny_cfg(tiny_model_path, tmp_path / "x", cache_activations=str(cache),
                               total_training_tokens=4000))
     cfg = tiny_cfg(tiny_model_path, tmp_path / "run", activations=str(cache), total_training_tokens=1024)
-    with pytest.raises(ValueError, match="hook_point_in"):
+    with pytest.raises(ValueError, match="cache holds blocks.1.hook_resid_post .*, this run reads blocks.0"):
         train.main(tiny_cfg(tiny_model_path, tmp_path / "run", activations=str(cache),
                             hook_point_in="blocks.0.hook_resid_post"))
     with pytest.raises(ValueError, match="model"):

@@ -34,7 +34,7 @@ def tiny_cfg(path, hook="blocks.1.hook_resid_post", **kw):
 @pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.1.attn.hook_z"])
 def test_splicing_the_activation_itself_changes_nothing(tiny_model, tiny_model_path, hook):
     cfg = tiny_cfg(tiny_model_path, hook)
-    assert acts.hook_dims(tiny_model, hook, hook) == (32, 32)
+    assert acts.hook_dims(tiny_model, [hook, hook]) == [32, 32]
     drop = acts.special_token_ids(tiny_model.tokenizer)
     r = train.evaluate(identity_sae(32), tiny_model, cfg, drop, "cpu")
     assert r["explained_variance"] == pytest.approx(1.0, abs=1e-6)
@@ -187,7 +187,7 @@ def test_other_architectures_splice_exactly(arch, hook, tmp_path):
     assert r["ce_loss_zero"] != pytest.approx(r["ce_loss_clean"])
     if arch == "gpt_neox":              # a hook of other architectures: one line naming this one's
         with pytest.raises(ValueError, match="does not exist on this model; its blocks have hook_resid_pre"):
-            acts.hook_dims(model, "blocks.1.hook_resid_mid", "blocks.1.hook_resid_mid")
+            acts.hook_dims(model, ["blocks.1.hook_resid_mid"])
 
 
 def test_model_dims_of_a_multimodal_model_are_its_language_models(tmp_path):

@@ -121,10 +121,10 @@ def test_batch_size_must_divide_over_processes(tmp_path):
 
 def test_lm_batch_default_depends_on_the_device():
     """16 contexts per LM forward on CPU; on a GPU as many as hold 8,192 tokens (at least 16)."""
-    assert train.parse_args([]).lm_batch("cpu") == 16
-    assert train.parse_args([]).lm_batch("cuda:1") == 8192 // 128
-    assert train.parse_args(["--context-size", "1024"]).lm_batch("cuda") == 16
-    assert train.parse_args(["--model-batch-contexts", "4"]).lm_batch("cuda") == 4
+    assert train.parse_args([])[0].lm_batch("cpu") == 16
+    assert train.parse_args([])[0].lm_batch("cuda:1") == 8192 // 128
+    assert train.parse_args(["--context-size", "1024"])[0].lm_batch("cuda") == 16
+    assert train.parse_args(["--model-batch-contexts", "4"])[0].lm_batch("cuda") == 4
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="a glibc setting")
@@ -178,14 +178,14 @@ def test_fused_adam_over_the_sae_param_groups_is_plain_adam(transcoder):
 
 def test_config_file_and_flags(tmp_path):
     (tmp_path / "run.toml").write_text('act_fn = "batchtopk"\ntop_k = 16\nlr = 0.002\n')
-    c = train.parse_args(["--config", str(tmp_path / "run.toml"), "--lr", "3e-4"])
+    c = train.parse_args(["--config", str(tmp_path / "run.toml"), "--lr", "3e-4"])[0]
     assert (c.act_fn, c.top_k, c.lr) == ("batchtopk", 16, 3e-4)
     (tmp_path / "bad.yaml").write_text("act_fn: topk\ntop_kk: 16\n")
     with pytest.raises(ValueError, match="top_kk"):
-        train.parse_args(["--config", str(tmp_path / "bad.yaml")])
+        train.parse_args(["--config", str(tmp_path / "bad.yaml")])[0]
     (tmp_path / "bad.json").write_text('{"top_k": "many"}')
     with pytest.raises(ValueError, match="top_k"):
-        train.parse_args(["--config", str(tmp_path / "bad.json")])
+        train.parse_args(["--config", str(tmp_path / "bad.json")])[0]
 
 
 def test_short_real_run_on_the_embedded_model(trained_run):
@@ -207,7 +207,7 @@ def test_short_real_run_on_the_embedded_model(trained_run):
     saved = json.load(open(out / "eval.json"))
     assert saved["tokens"] == res["tokens"] > 3000
     # the resolved config is itself a valid --config that reproduces the run's settings
-    again = train.parse_args(["--config", str(out / "train_config.json")])
+    again = train.parse_args(["--config", str(out / "train_config.json")])[0]
     saved = json.load(open(out / "train_config.json"))
     assert saved["model_dtype"] in ("float32", "bfloat16") and saved["amp_dtype"] != "auto"   # the choice
     assert train.run_config(again) == {k: v for k, v in saved.items() if k != "code"}
@@ -260,7 +260,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_checkpoints(tiny_mode
     saved = sorted(os.listdir(out / "checkpoints"))
     assert at > 1 and saved[-1] == f"step_{at - 1:09d}.pt"     # none of the nan weights
     ckpt = torch.load(out / "checkpoints" / saved[-1], weights_only=False)
-    assert all(torch.isfinite(v).all() for v in ckpt["sae"].values())
+    assert all(torch.isfinite(v).all() for v in ckpt["saes"][0]["sae"].values())
 
 
 def test_bad_data_deep_in_a_run_keeps_the_steps_done_and_the_run_resumes(tiny_model_path, tmp_path):
@@ -304,24 +304,24 @@ def test_eval_only_takes_the_runs_config_with_flags_over_it(tiny_model_path, tmp
                    context_size=64, eval_tokens=1024, model_batch_contexts=4, top_k=8, batch_size=256,
                    buffer_size=1024, total_training_tokens=256 * 4, exp_result_path=str(out)))
     assert not os.path.exists(out / "jumprelu")     # not beside this topk SAE, as if it were its conversion
-    res = train.eval_only(train.parse_args(["--eval-only", str(out), "--eval-tokens", "512"]))
+    res = train.eval_only(train.parse_args(["--eval-only", str(out), "--eval-tokens", "512"])[0])
     assert res["tokens"] == 512 - 512 // 64 and res["l0"] == 8      # 8 contexts, BOS dropped
     # the run held out 16 contexts of 64, 1008 tokens of text: more, or longer contexts, read text it
     # trained on, as would the held-out tokens of other data
     for flags in (["--eval-tokens", "2048"], ["--context-size", "128"]):
         with pytest.raises(ValueError, match="held out only its first 1008"):
-            train.eval_only(train.parse_args(["--eval-only", str(out), *flags]))
+            train.eval_only(train.parse_args(["--eval-only", str(out), *flags])[0])
     with pytest.raises(ValueError, match="give it as --eval-dataset"):
-        train.eval_only(train.parse_args(["--eval-only", str(out), "--dataset", str(tmp_path)]))
+        train.eval_only(train.parse_args(["--eval-only", str(out), "--dataset", str(tmp_path)])[0])
     with monkeypatch.context() as m:                  # held-out text that cannot be read: before the LM loads
         m.setattr(train, "load_lm", lambda *a: pytest.fail("the LM loaded"))
         (tmp_path / "empty").mkdir()
         with pytest.raises(ValueError, match="holds no .txt"):
-            train.eval_only(train.parse_args(["--eval-only", str(out), "--eval-dataset", str(tmp_path / "empty")]))
+            train.eval_only(train.parse_args(["--eval-only", str(out), "--eval-dataset", str(tmp_path / "empty")])[0])
     SAE(32, 64, "topk", 8).save(str(tmp_path / "bare"))               # no run config: the flags say
     bare = train.parse_args(["--eval-only", str(tmp_path / "bare"), "--model", tiny_model_path, "--hook-point-in",
                              "blocks.0.hook_resid_post", "--model-dtype", "float32", "--eval-tokens", "256",
-                             "--context-size", "64", "--device", "cpu"])
+                             "--context-size", "64", "--device", "cpu"])[0]
     assert train.eval_only(bare)["tokens"] == 256 - 4
 
 
@@ -346,7 +346,7 @@ def test_auto_dtypes_pick_bf16_only_where_it_is_native(monkeypatch, capsys):
     assert acts.native_bf16("cpu") == any(f in flags.split() for f in ("amx_tile", "amx_bf16", "avx512_bf16"))
     for native, want in ((True, "bfloat16"), (False, "float32")):
         monkeypatch.setattr(acts, "native_bf16", lambda device: native)
-        c = train.resolve_dtypes(cfg(), "cpu")
+        c = train.resolve_dtypes([cfg()], "cpu")[0]
         assert (c.model_dtype, c.amp_dtype) == (want, want) and f"LM forward {want}" in capsys.readouterr().out
-        c = train.resolve_dtypes(cfg(model_dtype="float16", amp_dtype="float32"), "cpu")
+        c = train.resolve_dtypes([cfg(model_dtype="float16", amp_dtype="float32")], "cpu")[0]
         assert (c.model_dtype, c.amp_dtype) == ("float16", "float32")
