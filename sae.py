@@ -7,16 +7,17 @@ them: W_enc (m, d_in), W_dec (m, d_out).
     h = (x - b_dec) W_enc^T + b_enc        (no b_dec subtraction for a transcoder)
     c_i = h_i * n_i,  n_i = ||W_dec[i]||   the size of what latent i adds to the reconstruction
     f_i = act(c_i) / n_i
-    y_hat = f W_dec + b_dec
+    y_hat = f W_dec + b_dec                (+ x W_skip^T for a skip transcoder)
 
 Decoder rows are not forced to unit norm: TopK ranks, and JumpReLU thresholds, the contribution c
 (as in Anthropic's "Towards Monosemanticity", where the L1 penalty is weighted by ||W_dec[i]||).
 
 The file has two halves. Above the fence, the SAE as these formulas state it, each activation
-function one short branch of SAE.encode. Below it, the fast paths: the same code, losses and
-gradients with far less work (see the fence). Imports torch and safetensors only.
+function one short branch of SAE.encode. Below it, the fast paths (the same code, losses and gradients
+with far less work), then files: save, load, export to SAELens and circuit-tracer. Imports torch, safetensors.
 """
 import ctypes
+import hashlib
 import inspect
 import json
 import math
@@ -28,7 +29,8 @@ from typing import Literal, NamedTuple, get_args
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 ActFn = Literal["relu", "jumprelu", "topk", "batchtopk"]
 TANH_C = 4.0        # the tanh penalty's c (README)
@@ -100,13 +102,20 @@ class SAE(nn.Module):
     def __init__(self, d_in: int, d_sae: int, act_fn: ActFn = "topk", top_k: int = 64,
                  d_out: int | None = None, transcoder: bool = False,
                  jumprelu_threshold_window: float = 0.1, jumprelu_init_threshold: float = 0.1,
+                 matryoshka_sizes: list[int] | None = None, skip_connection: bool = False,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        """matryoshka_sizes: nested prefixes of the latents, the last d_sae (see reconstruction_loss).
+        skip_connection: a transcoder's y_hat gets a linear map of x added, x W_skip^T (forward)."""
         super().__init__()
         if act_fn not in get_args(ActFn):
             raise ValueError(f"unknown act_fn {act_fn!r}: use relu, jumprelu, topk or batchtopk")
         d_out = d_out or d_in
         self.d_in, self.d_sae, self.d_out = d_in, d_sae, d_out
         self.act_fn, self.top_k, self.transcoder = act_fn, top_k, transcoder
+        self.matryoshka_sizes = checked_prefixes(matryoshka_sizes, act_fn, d_sae)
+        if skip_connection and not transcoder:
+            raise ValueError("skip_connection is for a transcoder: an SAE's would learn the identity map")
+        self.skip_connection = skip_connection
         self.jumprelu_threshold_window = jumprelu_threshold_window
         self.jumprelu_init_threshold = jumprelu_init_threshold
         kw = dict(dtype=dtype, device=device)
@@ -123,6 +132,8 @@ class SAE(nn.Module):
                                                      dtype=torch.float32, device=device))
         # BatchTopK's running threshold: the smallest contribution it kept, averaged over batches.
         self.register_buffer("threshold", torch.tensor(-1.0, device=device))
+        if skip_connection:         # (d_out, d_in) as nn.Linear stores it; at zero the plain transcoder
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, **kw))
 
     def config(self) -> dict:
         """The constructor arguments that rebuild this SAE (saved as config.json)."""
@@ -132,7 +143,8 @@ class SAE(nn.Module):
     def param_groups(self, threshold_lr_factor: float) -> list[dict]:
         """For torch.optim: the weights and biases at the learning rate, JumpReLU's log thresholds
         at threshold_lr_factor times it (the loop sets group["lr"] = lr * group.get("lr_factor", 1))."""
-        return [{"params": [self.W_enc, self.W_dec, self.b_enc, self.b_dec]},
+        skip = [self.W_skip] if self.skip_connection else []
+        return [{"params": [self.W_enc, self.W_dec, self.b_enc, self.b_dec] + skip},
                 {"params": [self.log_threshold], "lr_factor": threshold_lr_factor}]
 
     # ---------------------------------------------------------------------------------------
@@ -163,7 +175,8 @@ class SAE(nn.Module):
         return Code(a_BM / n_M, None, None, None, c_BM, n_M)   # f = act(c) / n
 
     def decode(self, code: Code | torch.Tensor) -> torch.Tensor:
-        """y_hat from a Code (encode's), or from latent activations f (..., d_sae): edited ones, say."""
+        """y_hat from a Code (encode's), or from latent activations f (..., d_sae): edited ones, say.
+        (A skip transcoder's x W_skip^T is not in it: forward adds it.)"""
         if isinstance(code, torch.Tensor):
             return code.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
         if code.f_BM is None:                  # a fast path's sparse code: k rows of W_dec per token
@@ -175,8 +188,12 @@ class SAE(nn.Module):
         x is cast to the SAE's dtype; k (topk, batchtopk) defaults to top_k."""
         if x.shape[-1:] != (self.d_in,):
             raise ValueError(f"x is {tuple(x.shape)}: the SAE takes (..., d_in = {self.d_in}) activations")
-        code = self.encode(x.reshape(-1, self.d_in).to(self.W_enc.dtype), k)
-        return self.decode(code).view(*x.shape[:-1], self.d_out), code
+        x_BD = x.reshape(-1, self.d_in).to(self.W_enc.dtype)
+        code = self.encode(x_BD, k)
+        y_hat = self.decode(code)
+        if self.skip_connection:   # a skip transcoder (Paulo et al. 2025): y_hat + x W_skip^T
+            y_hat = y_hat + x_BD @ self.W_skip.T
+        return y_hat.view(*x.shape[:-1], self.d_out), code
 
     @torch.no_grad()
     def update_threshold_(self, t: torch.Tensor, decay: float = 0.95):
@@ -190,6 +207,19 @@ class SAE(nn.Module):
 
     # ---------------------------------------------------------------------------------------
     # losses
+
+    def reconstruction_loss(self, code: Code, y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+        """Mean over tokens of ||y_hat - y||^2. With matryoshka_sizes m_1 < ... < m (Bussmann et al.
+        2025, "Learning Multi-Level Features with Matryoshka SAEs"), the sum over the prefixes of the
+        error of the reconstruction from the latents of the prefix alone (the code's one selection,
+        latents past m_j zeroed): y_hat less the latents past m_j, the last ones first."""
+        y, y_hat = y.reshape(-1, self.d_out).float(), y_hat.reshape(-1, self.d_out).float()
+        loss, m = (y_hat - y).pow(2).sum(-1).mean(), self.matryoshka_sizes or []
+        for lo, hi in reversed(list(zip(m, m[1:]))):
+            y_hat = y_hat - (code.f_BM[:, lo:hi] @ self.W_dec[lo:hi] if code.f_BM is not None
+                             else sparse_decode(self, code, lo, hi)).float()      # (sparse: their pairs)
+            loss = loss + (y_hat - y).pow(2).sum(-1).mean()
+        return loss
 
     def sparsity_loss(self, code: Code, kind: Literal["l1", "tanh"], c: float = TANH_C):
         """Per-token penalty on the contributions f_i * n_i: l1 = sum_i f_i n_i,
@@ -257,7 +287,7 @@ class SAE(nn.Module):
         assert self.act_fn == "batchtopk", "only a BatchTopK SAE converts to JumpReLU"
         assert self.threshold > 0, "this SAE has no running threshold (was it trained?)"
         self.log_threshold.fill_(math.log(self.threshold.item()))
-        self.act_fn = "jumprelu"
+        self.act_fn, self.matryoshka_sizes = "jumprelu", None     # the prefixes were a training loss
         return self
 
     @torch.no_grad()
@@ -270,41 +300,21 @@ class SAE(nn.Module):
         self.log_threshold.sub_(math.log(s_out))
         if self.threshold > 0:
             self.threshold.div_(s_out)
+        if self.skip_connection:            # (x s_in) W_skip^T / s_out
+            self.W_skip.mul_(s_in / s_out)
 
     # ---------------------------------------------------------------------------------------
     # save / load: config.json + sae.safetensors in one folder
 
     def save(self, folder: str, extra: dict | None = None):
-        """config.json + sae.safetensors, each written under a temporary name and renamed: a crash
-        mid-save leaves the previous files, never a half-written one. "format": 2 marks W_enc
-        stored (d_sae, d_in)."""
-        os.makedirs(folder, exist_ok=True)
-        config, weights = os.path.join(folder, "config.json"), os.path.join(folder, "sae.safetensors")
-        with open(weights + ".tmp", "wb") as f:   # (save_file makes it mode 0600, whatever the umask)
-            f.write(save({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}))
-        with open(config + ".tmp", "w") as f:
-            json.dump({**(extra or {}), "format": 2, "sae": self.config()}, f, indent=2)
-        os.replace(weights + ".tmp", weights)
-        os.replace(config + ".tmp", config)
+        """config.json (extra, the constructor arguments, the weights' sha256) + sae.safetensors in
+        one folder, each file written whole or not at all (save_sae, at the end of the file)."""
+        save_sae(self, folder, extra)
 
     @staticmethod
     def load(folder: str, device: str | torch.device = "cpu") -> "SAE":
-        for name in ("config.json", "sae.safetensors"):
-            if not os.path.exists(os.path.join(folder, name)):
-                raise FileNotFoundError(f"{folder} has no {name}: is it a folder that train.py saved?")
-        with open(os.path.join(folder, "config.json")) as f:
-            config = json.load(f)
-        state = load_file(os.path.join(folder, "sae.safetensors"), device=str(device))
-        if config.get("format", 1) == 1:       # saved with W_enc as (d_in, d_sae)
-            state["W_enc"] = state["W_enc"].T.contiguous()
-        sae = SAE(**config["sae"], dtype=state["W_enc"].dtype, device=device)
-        want, have = ({k: tuple(v.shape) for k, v in d.items()} for d in (sae.state_dict(), state))
-        if want != have:              # files of two SAEs: say which tensors disagree, in one line
-            diff = [f"{k} {want.get(k)} vs {have.get(k)}" for k in sorted(want | have) if want.get(k) != have.get(k)]
-            raise ValueError(f"{folder}: config.json and sae.safetensors are not one SAE's (shapes of the "
-                             f"config vs the weights: {'; '.join(diff)})")
-        sae.load_state_dict(state)
-        return sae.eval()        # for inference: a forward in train mode moves BatchTopK's threshold
+        """A saved SAE, in eval mode (load_sae: the checks that config and weights are one SAE's)."""
+        return load_sae(folder, device)
 
 
 # =================================================================================================
@@ -496,8 +506,12 @@ def fast_auxk_loss(sae: SAE, code: Code, resid_BD, dead_M, k_aux: int) -> torch.
     return (resid_BD.detach() - e_hat).pow(2).sum(-1).mean()
 
 
-def sparse_decode(sae: SAE, code: Code) -> torch.Tensor:
-    """f W_dec of a sparse code, b_dec not added."""
+def sparse_decode(sae: SAE, code: Code, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """f W_dec of a sparse code, b_dec not added; of its latents lo <= i < hi only, if given (a
+    Matryoshka prefix's: its pairs, whose rows stay sorted)."""
+    if hi is not None:
+        on = (code.cols >= lo) & (code.cols < hi)
+        return SparseDecode.apply(code.vals[on], sae.W_dec, code.rows[on], code.cols[on], len(code.pre_BM))
     bags = code.fast.bags if code.fast is not None else None
     return SparseDecode.apply(code.vals, sae.W_dec, code.rows, code.cols, len(code.pre_BM), bags)
 
@@ -777,3 +791,183 @@ def exact_pairs(c_BM, g_max, rows, cols, err_B, exact_c, k: int | None = None):
     c, j = c_BN.topk(k, dim=1, sorted=False)
     at = (starts[:, None] + j).flatten()
     return rows[at], cols[at], c.flatten()
+
+
+# =================================================================================================
+# SETTINGS, FILES, EXPORT
+#
+# Not math: the check of the Matryoshka prefixes; save and load (whole files or none, and a checksum
+# that tells a folder's config and weights apart from another SAE's); the export of a saved folder
+# to the layouts that SAELens and circuit-tracer load.
+# =================================================================================================
+
+
+def checked_prefixes(sizes: list[int] | None, act_fn: str, d_sae: int) -> list[int] | None:
+    """matryoshka_sizes as the SAE keeps them: strictly increasing, the last d_sae (added if absent)."""
+    if sizes is None:
+        return None
+    if act_fn not in ("topk", "batchtopk"):
+        raise ValueError(f"matryoshka_sizes takes act_fn batchtopk or topk (Matryoshka BatchTopK), not {act_fn}")
+    sizes = [int(m) for m in sizes]
+    sizes += [d_sae] * (not sizes or sizes[-1] != d_sae)
+    if sizes[0] < 1 or any(a >= b for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"matryoshka_sizes {sizes[:-1]}: prefix sizes must increase strictly from 1 to below "
+                         f"d_sae = {d_sae}")
+    return sizes
+
+
+class SaveError(OSError):
+    """A file that SAE.save could not write (a full disk, a quota, a read-only folder), in one line."""
+
+
+def write_file(path: str, data: bytes):
+    """data to path under a temporary name of this process, on the disk before it is renamed: a crash
+    leaves the old file or the new one, never half of one. A failed write removes its partial file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:          # (made as the umask says)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        why = os.strerror(e.errno).lower() if e.errno else str(e)
+        raise SaveError(f"cannot write {path}: {why} (its partial file is removed)") from None
+
+
+def save_sae(sae: SAE, folder: str, extra: dict | None = None):
+    """SAE.save: sae.safetensors, then config.json with the sha256 of that file's bytes, which load_sae
+    checks (a crash between the two leaves new weights beside the old config: load_sae says so).
+    "format": 2 marks W_enc stored (d_sae, d_in)."""
+    os.makedirs(folder, exist_ok=True)
+    weights = save({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()})
+    write_file(os.path.join(folder, "sae.safetensors"), weights)
+    config = {**(extra or {}), "format": 2, "sae": sae.config(), "sha256": hashlib.sha256(weights).hexdigest()}
+    write_file(os.path.join(folder, "config.json"), json.dumps(config, indent=2).encode())
+
+
+def load_sae(folder: str, device: str | torch.device = "cpu") -> SAE:
+    """SAE.load, in eval mode. A folder whose weights are not the ones its config.json was saved with
+    (another SAE's, a file cut short) fails in one line; one saved before checksums loads unchecked."""
+    for name in ("config.json", "sae.safetensors"):
+        if not os.path.exists(os.path.join(folder, name)):
+            raise FileNotFoundError(f"{folder} has no {name}: is it a folder that train.py saved?")
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(folder, "sae.safetensors"), "rb") as f:
+        data = f.read()
+    want, have = config.get("sha256"), hashlib.sha256(data).hexdigest()
+    try:
+        state = load(data)
+    except SafetensorError:
+        raise ValueError(f"{folder}: sae.safetensors is unreadable ({len(data):,} bytes): cut short or damaged"
+                         + (", its sha256 is not the one config.json recorded" if want else "")) from None
+    if config.get("format", 1) == 1:       # saved with W_enc as (d_in, d_sae)
+        state["W_enc"] = state["W_enc"].T.contiguous()
+    sae = SAE(**config["sae"], dtype=state["W_enc"].dtype, device=device)
+    want_shapes, have_shapes = ({k: tuple(v.shape) for k, v in d.items()} for d in (sae.state_dict(), state))
+    if want_shapes != have_shapes:   # files of two SAEs: say which tensors disagree, in one line
+        diff = [f"{k} {want_shapes.get(k)} vs {have_shapes.get(k)}" for k in sorted(want_shapes | have_shapes)
+                if want_shapes.get(k) != have_shapes.get(k)]
+        raise ValueError(f"{folder}: config.json and sae.safetensors are not one SAE's (shapes of the "
+                         f"config vs the weights: {'; '.join(diff)})")
+    if want and want != have:
+        raise ValueError(f"{folder}: sae.safetensors is not the file saved with its config.json (sha256 "
+                         f"{have[:12]}..., recorded {want[:12]}...): another SAE's weights, or changed since")
+    sae.load_state_dict(state)
+    return sae.eval()        # for inference: a forward in train mode moves BatchTopK's threshold
+
+
+SAELENS_FORMAT = "6.0.0"     # the cfg.json layout written here: SAELens 6's (its 'metadata' block)
+
+
+def contribution_weights(folder: str, tool: str) -> tuple[SAE, dict, dict]:
+    """The SAE saved in folder (as train.py saves it: the normalization folded in), its training
+    record, and its weights as another tool reads them, which ranks (TopK) and thresholds (JumpReLU)
+    h itself, where this SAE works on the contribution c = h n, n_i = ||W_dec[i]||. Folding the norms
+    into the weights, W_enc[i] n_i, b_enc[i] n_i, W_dec[i] / n_i, makes the tool's h our c: its TopK
+    keeps our latents, its thresholds are ours (theta_i), its latent activations our contributions
+    f_i n_i (decoder rows of norm 1) and its reconstruction ours. W_enc stays (d_sae, d_in); BatchTopK
+    goes as its JumpReLU conversion (every theta_i the running threshold)."""
+    sae = load_sae(folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        train = json.load(f).get("train", {})
+    if sae.act_fn == "batchtopk":
+        if not sae.threshold > 0:
+            raise ValueError(f"{folder}: this BatchTopK SAE has no running threshold to export its JumpReLU "
+                             f"conversion to {tool} with")
+        sae.to_jumprelu_()
+    p = {k: v.detach().double() for k, v in sae.named_parameters()}
+    n = p["W_dec"].norm(dim=1)
+    weights = {"W_enc": p["W_enc"] * n[:, None], "b_enc": p["b_enc"] * n, "W_dec": p["W_dec"] / n[:, None],
+               "b_dec": p["b_dec"]}
+    if sae.act_fn == "jumprelu":
+        weights["threshold"] = p["log_threshold"].exp()
+    if sae.skip_connection:
+        weights["W_skip"] = p["W_skip"]                                  # (d_out, d_in), as ours
+    return sae, train, weights
+
+
+def save_weights(path: str, weights: dict, dtype: torch.dtype, metadata: dict | None = None):
+    """weights, in the SAE's dtype, as a .safetensors file (metadata: str -> str, in its header)."""
+    write_file(path, save({k: v.to(dtype).contiguous() for k, v in weights.items()}, metadata))
+
+
+def export_saelens(folder: str, out: str):
+    """The SAE saved in folder as the folder that SAELens's SAE.load_from_disk(out) reads: cfg.json
+    + sae_weights.safetensors, with SAELens's architecture names (standard, jumprelu, topk,
+    transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder) and the weights of
+    contribution_weights. SAELens has no TopK transcoder: that is refused with a ValueError."""
+    sae, train, weights = contribution_weights(folder, "SAELens")
+    arch = {("relu", False): "standard", ("jumprelu", False): "jumprelu", ("topk", False): "topk",
+            ("relu", True): "transcoder", ("jumprelu", True): "jumprelu_transcoder"}
+    arch = arch.get((sae.act_fn, sae.transcoder))
+    if arch is None:
+        raise ValueError(f"{folder}: SAELens has no {sae.act_fn} transcoder to export this one as")
+    arch = arch.replace("transcoder", "skip_transcoder") if sae.skip_connection else arch
+    weights["W_enc"] = weights["W_enc"].T                               # SAELens's W_enc: (d_in, d_sae)
+    hook = train.get("hook_point_in", "")
+    meta = {"sae_lens_version": SAELENS_FORMAT, "model_name": train.get("model"), "hook_name": hook or None,
+            "hook_name_out": train.get("hook_point_out") if sae.transcoder else None,
+            "context_size": train.get("context_size"), "dataset_path": train.get("dataset"), "prepend_bos": True}
+    cfg = {"architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": str(sae.W_enc.dtype)[6:],
+           "device": "cpu", "apply_b_dec_to_input": not sae.transcoder, "normalize_activations": "none",
+           "reshape_activations": "hook_z" if hook.endswith("hook_z") else "none",
+           "metadata": {k: v for k, v in meta.items() if v is not None}}
+    cfg |= {"d_out": sae.d_out} if sae.transcoder else {}
+    cfg |= {"k": sae.top_k, "rescale_acts_by_decoder_norm": False} if sae.act_fn == "topk" else {}
+    os.makedirs(out, exist_ok=True)
+    save_weights(os.path.join(out, "sae_weights.safetensors"), weights, sae.W_enc.dtype)
+    write_file(os.path.join(out, "cfg.json"), json.dumps(cfg, indent=2).encode())
+
+
+def export_circuit_tracer(folder: str, out: str):
+    """The transcoder saved in folder as the single-layer transcoder file out (.safetensors) that
+    circuit-tracer's load_relu_transcoder(out, layer) reads: W_enc, W_dec (d_sae, d_model), b_enc,
+    b_dec, W_skip (d_model, d_model) of a skip transcoder, and "activation_function.threshold" of a
+    JumpReLU (without it: ReLU), the weights of contribution_weights. Which layer and hooks it
+    replaces go in circuit-tracer's transcoder-set config (the file's metadata records ours). Its
+    transcoders replace an MLP (d_in = d_out) and its loader has no TopK: others are refused."""
+    sae, train, weights = contribution_weights(folder, "circuit-tracer")
+    if not sae.transcoder or sae.d_in != sae.d_out or sae.act_fn == "topk":
+        kind = f"{sae.act_fn} {'transcoder' if sae.transcoder else 'SAE'} ({sae.d_in} -> {sae.d_out})"
+        raise ValueError(f"{folder}: circuit-tracer reads ReLU and JumpReLU transcoders with d_in = d_out, "
+                         f"not this {kind}")
+    if "threshold" in weights:
+        weights["activation_function.threshold"] = weights.pop("threshold")
+    hooks = {k: str(train[k]) for k in ("model", "hook_point_in", "hook_point_out") if train.get(k)}
+    save_weights(out, weights, sae.W_enc.dtype, hooks)
+
+
+if __name__ == "__main__":       # python sae.py export-saelens results/sae OUT  (or export-circuit-tracer OUT.safetensors)
+    import sys
+    commands = {"export-saelens": export_saelens, "export-circuit-tracer": export_circuit_tracer}
+    if len(sys.argv) != 4 or sys.argv[1] not in commands:
+        sys.exit(f"usage: python sae.py {{{','.join(commands)}}} SAVED_FOLDER OUT")
+    try:
+        commands[sys.argv[1]](sys.argv[2], sys.argv[3])
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {sys.argv[3]}")

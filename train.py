@@ -37,11 +37,11 @@ import torch
 import torch.distributed as dist
 
 import activations as acts
-from sae import SAE, keep_freed_memory
+from sae import SAE, SaveError, keep_freed_memory
 
 
 # The lowest value of each bounded Config field (None, where allowed, means "unset").
-AT_LEAST = dict(top_k=1, expansion_factor=1, batch_size=1, context_size=2, model_batch_contexts=1,
+AT_LEAST = dict(top_k=1, expansion_factor=1, matryoshka_prefixes=0, batch_size=1, context_size=2, model_batch_contexts=1,
                 log_frequency=1, keep_checkpoints=1, checkpoint_every=0, checkpoint_minutes=0, eval_every=0,
                 aux_k=1, dead_tokens=1, sparsity_coefficient=0, pre_act_loss_coefficient=0, aux_k_coefficient=0,
                 sparsity_warmup_steps=0, k_warmup_steps=0, k_cold_booting_steps=0, lr_warmup_steps=0,
@@ -104,6 +104,11 @@ class Config:
     """search the decoder-row norm with the lowest initial MSE (else rows start at norm 1)."""
     normalize_activations: bool = True
     """scale x (and y) so that mean ||x|| = sqrt(d); folded into the weights when saving."""
+    matryoshka_prefixes: int = 0
+    """Matryoshka BatchTopK (Bussmann et al. 2025): the loss adds the reconstruction errors of this
+    many nested prefixes of the latents, d_sae/2^(n-1), ..., d_sae/2, d_sae (0 = off; topk / batchtopk)."""
+    skip_connection: bool = False
+    """skip transcoder (Paulo et al. 2025): y_hat gets x W_skip^T added, W_skip trained from zero."""
 
     # --- sparsity ----------------------------------------------------------------------------
     sparsity_loss: Literal["l1", "tanh"] | None = None
@@ -210,9 +215,13 @@ class Config:
         if self.initial_k is not None and self.initial_k < self.top_k:
             raise ValueError(f"--initial-k ({self.initial_k}) must be >= --top-k ({self.top_k}): "
                              f"the schedule anneals k down to top_k")
-        # an option of another activation function would be silently ignored
+        # an option of another activation function (or of a transcoder) would be silently ignored
         topk = self.act_fn in ("topk", "batchtopk")
+        if self.skip_connection and self.hook_out == self.hook_point_in:
+            raise ValueError("--skip-connection is for a transcoder (an SAE's would learn the identity): "
+                             "give --hook-point-out")
         for flag, ignored in (("--initial-k", self.initial_k is not None and not topk),
+                              ("--matryoshka-prefixes", self.matryoshka_prefixes > 0 and not topk),
                               ("--sparsity-loss", self.sparsity_loss is not None and topk),
                               ("--sparsity-coefficient", self.sparsity_coefficient is not None and topk),
                               ("--pre-act-loss-coefficient", self.pre_act_loss_coefficient > 0
@@ -253,7 +262,7 @@ NOT_SAVED = ("config", "resume", "eval_only", "cache_activations")      # action
 # Per-SAE settings. Several values (--top-k 16 32 64) make a sweep: their cartesian product trained
 # on one activation stream, one LM forward for all; every other field is shared by its SAEs.
 SWEPT = ("act_fn", "top_k", "expansion_factor", "lr", "sparsity_coefficient", "hook_point_in",
-         "hook_point_out", "seed")
+         "hook_point_out", "seed", "matryoshka_prefixes", "skip_connection")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -689,12 +698,18 @@ def expand_grid(argv: list[str]) -> list[list[str]]:
 
 
 def sweep_names(cfgs: list[Config]) -> list[str]:
-    """Each SAE's name: the settings in which it differs from the others (topk-k16); "" alone."""
-    short = dict(act_fn="", top_k="k", expansion_factor="x", lr="lr", sparsity_coefficient="s",
-                 hook_point_in="", hook_point_out="to-", seed="seed")
-    value = lambda c, k: c.hook_out if k == "hook_point_out" else getattr(c, k)
+    """Each SAE's name: the settings in which it differs from the others (topk-k16); "" alone. A
+    target equal to the input goes unsaid."""
+    def part(c, k):
+        v = getattr(c, k)
+        if k == "hook_point_out":
+            return f"to-{v}" if v and v != c.hook_point_in else ""
+        if k == "skip_connection":
+            return "skip" if v else "noskip"
+        return dict(top_k="k", expansion_factor="x", lr="lr", sparsity_coefficient="s", seed="seed",
+                    matryoshka_prefixes="mat").get(k, "") + str(v)
     varying = [k for k in SWEPT if len({getattr(c, k) for c in cfgs}) > 1]
-    return ["-".join(f"{short[k]}{value(c, k)}" for k in varying) for c in cfgs]
+    return ["-".join(p for k in varying if (p := part(c, k))) or ("sae" if varying else "") for c in cfgs]
 
 
 def check_sweep(cfgs: list[Config]):
@@ -738,11 +753,11 @@ def _check_compatible(saved: dict, cfg: Config):
     or the schedule must match."""
     keys = ("model", "model_dtype", "dataset", "dataset_split", "text_column", "activations",
             "ignore_token_ids", "max_norm_ratio", "hook_point_in", "hook_point_out", "act_fn",
-            "expansion_factor", "top_k", "initial_k", "k_warmup_steps", "k_cold_booting_steps",
-            "k_schedule_type", "k_exponential_factor", "batch_size", "total_training_tokens",
-            "context_size", "buffer_size", "perm_seed", "dtype", "eval_tokens", "eval_dataset")
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in keys
-            if saved.get(k) != getattr(cfg, k)]
+            "expansion_factor", "top_k", "initial_k", "matryoshka_prefixes", "skip_connection",
+            "k_warmup_steps", "k_cold_booting_steps", "k_schedule_type", "k_exponential_factor", "batch_size",
+            "total_training_tokens", "context_size", "buffer_size", "perm_seed", "dtype", "eval_tokens", "eval_dataset")
+    saved = {k: saved.get(k, getattr(Config, k, None)) for k in keys}    # (a field added since: its default)
+    diff = [f"{k}: checkpoint {saved[k]!r}, now {getattr(cfg, k)!r}" for k in keys if saved[k] != getattr(cfg, k)]
     if diff:
         raise ValueError("--resume: the checkpoint comes from a different run (" + "; ".join(diff) + ")")
 
@@ -951,8 +966,11 @@ def init_members(cfgs: list[Config], widths: dict[str, int], device: str, world:
         d_in, d_out = widths[cfg.hook_point_in], widths[cfg.hook_out]
         check_k(cfg, cfg.expansion_factor * d_in)
         torch.manual_seed(cfg.seed)   # here: every rank starts from the same SAE, whatever loading the LM drew
-        sae = SAE(d_in, cfg.expansion_factor * d_in, cfg.act_fn, cfg.top_k, d_out, cfg.hook_out != cfg.hook_point_in,
-                  cfg.jumprelu_threshold_window, cfg.jumprelu_init_threshold, dtype=getattr(torch, cfg.dtype), device=device)
+        d_sae, n = cfg.expansion_factor * d_in, cfg.matryoshka_prefixes
+        sae = SAE(d_in, d_sae, cfg.act_fn, cfg.top_k, d_out, cfg.hook_out != cfg.hook_point_in,
+                  cfg.jumprelu_threshold_window, cfg.jumprelu_init_threshold,
+                  matryoshka_sizes=[d_sae >> i for i in range(n - 1, -1, -1)] if n else None,
+                  skip_connection=cfg.skip_connection, dtype=getattr(torch, cfg.dtype), device=device)
         opt = torch.optim.Adam(sae.param_groups(cfg.jumprelu_lr_factor), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
         m = Member(cfg, name, folder, sae, opt, (cols(cfg.hook_point_in), cols(cfg.hook_out)))
         if ckpt:
@@ -1010,7 +1028,7 @@ def start_run_folder(members: list[Member], resumed_step: int | None):
 def loss_terms(cfg: Config, sae: SAE, code, y, y_hat, step: int, total_steps: int, dead_M) -> dict:
     """The loss terms of one step, whose sum is the loss: the reconstruction error, and the sparsity
     penalty (and pre-activation loss) of relu / jumprelu, or AuxK of topk / batchtopk."""
-    terms = {"mse": (y_hat.float() - y.float()).pow(2).sum(-1).mean()}
+    terms = {"mse": sae.reconstruction_loss(code, y, y_hat)}      # (Matryoshka: summed over the prefixes)
     if cfg.act_fn in ("relu", "jumprelu"):
         penalty = cfg.sparsity_loss or ("l1" if cfg.act_fn == "relu" else "tanh")
         coef = DEFAULT_SPARSITY_COEFFICIENT[penalty] if cfg.sparsity_coefficient is None else cfg.sparsity_coefficient
@@ -1373,7 +1391,7 @@ if __name__ == "__main__":
             cache_main(cfgs)
         else:
             main(cfgs)
-    except (ValueError, FileNotFoundError, FloatingPointError, acts.WriteError) as e:   # one line, no traceback
+    except (ValueError, FileNotFoundError, FloatingPointError, acts.WriteError, SaveError) as e:   # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:     # before or after the training loop, which checkpoints first

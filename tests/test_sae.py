@@ -761,3 +761,185 @@ def test_library_use_any_leading_shape_any_dtype_decode_of_edited_latents(act_fn
         for k in (0, 65):
             with pytest.raises(ValueError, match="1 <= k <= d_sae = 64"):
                 sae(x, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matryoshka BatchTopK, skip transcoders, checksums and failed writes
+
+
+def matryoshka_reference(sae, code, x, y, sizes):
+    """The Matryoshka loss as Bussmann et al. write it, brute force on the dense code: for each
+    prefix m_j, ||y - (f[:, :m_j] W_dec[:m_j] + b_dec)||^2, averaged over tokens, summed over j."""
+    f = code.dense()
+    return sum((y - (f[:, :m] @ sae.W_dec[:m] + sae.b_dec)).pow(2).sum(-1).mean() for m in sizes)
+
+
+@pytest.mark.parametrize("act_fn", ["batchtopk", "topk"])
+@pytest.mark.parametrize("path", ["sparse", "dense", "estimate", "plain"])
+def test_matryoshka_loss_is_the_sum_over_prefixes_forward_and_backward(act_fn, path, monkeypatch):
+    """reconstruction_loss of a Matryoshka SAE, AuxK beside it, on each path (the sparse code takes
+    each prefix's pairs, the dense one its columns), against the formula on the dense code of the
+    textbook SAE (dense_reference): the loss and the gradient of every parameter."""
+    if path == "dense":
+        monkeypatch.delitem(sae_module.SPARSE_BELOW, ("cpu", torch.float32))
+    monkeypatch.setattr(sae_module, "FAST", path != "plain")
+    monkeypatch.setattr(sae_module, "ESTIMATE_FROM", 0 if path == "estimate" else math.inf)
+    sae = make(act_fn, d=24, m=96, k=6, matryoshka_sizes=[6, 12, 24, 48])
+    assert sae.matryoshka_sizes == [6, 12, 24, 48, 96]
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(96, 1) + 0.5)                    # unequal decoder norms
+    x = torch.randn(40, 24)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::3] = True
+    y_hat, code = sae(x)
+    assert (code.f_BM is None) == (path in ("sparse", "estimate"))
+    got = sae.reconstruction_loss(code, x, y_hat) + sae.auxk_loss(code, x - y_hat, dead, k_aux=5)
+    got.backward()
+    g_got = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+    sae.zero_grad()
+    y_ref, f, c = dense_reference(sae, x, 6, act_fn == "batchtopk")
+    code_ref = sae_module.Code(f, None, None, None, c, sae.W_dec.norm(dim=1))
+    ref = matryoshka_reference(sae, code_ref, x, x, [6, 12, 24, 48, 96])
+    a_dead = torch.where(dead, c, -torch.inf)          # AuxK by hand, on the full reconstruction
+    keep = torch.zeros_like(c, dtype=torch.bool).scatter(1, a_dead.topk(5, dim=-1).indices, True)
+    e_hat = (torch.relu(c) * keep / sae.W_dec.norm(dim=1)) @ sae.W_dec
+    (ref + ((x - y_ref).detach() - e_hat).pow(2).sum(-1).mean()).backward()
+    assert torch.allclose(got, ref + ((x - y_ref) - e_hat).pow(2).sum(-1).mean(), rtol=1e-5)
+    # the prefixes' errors differ from the whole's: the terms are not five copies of the MSE
+    assert abs(ref - 5 * (x - y_ref).pow(2).sum(-1).mean()) > 0.05 * ref
+    for name, g in g_got.items():
+        assert torch.allclose(g, sae.get_parameter(name).grad, atol=1e-5), name
+    assert set(g_got) == {"W_enc", "W_dec", "b_enc", "b_dec"}
+
+
+def test_matryoshka_settings_saved_checked_and_dropped_by_the_jumprelu_conversion(tmp_path):
+    """The prefix sizes are a constructor argument: saved in config.json and loaded back; bad ones,
+    or an act_fn without a selection to restrict, fail in one line. A plain SAE's reconstruction
+    loss is the mean squared error. Converted to JumpReLU it is a plain per-token SAE."""
+    sae = make("batchtopk", matryoshka_sizes=[8, 16, 32, 64])
+    assert sae.matryoshka_sizes == [8, 16, 32, 64]
+    for bad in ([16, 8], [0, 8], [8, 8], [8, 128]):
+        with pytest.raises(ValueError, match="increase strictly"):
+            SAE(16, 64, "batchtopk", 4, matryoshka_sizes=bad)
+    with pytest.raises(ValueError, match="takes act_fn batchtopk or topk"):
+        SAE(16, 64, "relu", 4, matryoshka_sizes=[8])
+    sae(torch.randn(256, 16))                                        # a running threshold
+    sae.save(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["sae"]["matryoshka_sizes"] == [8, 16, 32, 64]
+    loaded = SAE.load(tmp_path / "m")
+    assert loaded.matryoshka_sizes == [8, 16, 32, 64]
+    x = torch.randn(32, 16)
+    plain = make("batchtopk")
+    y_hat, code = plain(x)
+    assert torch.equal(plain.reconstruction_loss(code, x, y_hat), (y_hat - x).pow(2).sum(-1).mean())
+    loaded.to_jumprelu_().save(tmp_path / "j")
+    j = SAE.load(tmp_path / "j")
+    assert j.act_fn == "jumprelu" and j.matryoshka_sizes is None
+    y_hat, code = j(x)
+    y_5, code_5 = j(x[:5])                                           # per token: no batch-mates
+    assert torch.allclose(y_5, y_hat[:5], atol=1e-5) and torch.equal(code_5.dense() > 0, code.dense()[:5] > 0)
+    assert torch.equal(j.reconstruction_loss(code, x, y_hat), (y_hat - x).pow(2).sum(-1).mean())
+
+
+def skip_transcoder(**kw):
+    torch.manual_seed(0)
+    sae = SAE(16, 64, kw.pop("act_fn", "topk"), 4, d_out=24, transcoder=True, **kw)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    return sae
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_skip_transcoder_starts_as_the_plain_one_and_learns_its_map(fast, monkeypatch):
+    """W_skip (d_out, d_in) starts at zero: the skip transcoder's output, loss and gradients are the
+    plain transcoder's; W_skip's gradient is that of y_hat + x W_skip^T; and it is trained
+    (param_groups), rejected for an SAE."""
+    monkeypatch.setattr(sae_module, "FAST", fast)
+    skip, plain = skip_transcoder(skip_connection=True), skip_transcoder()
+    assert skip.W_skip.shape == (24, 16) and not skip.W_skip.any() and "W_skip" not in dict(plain.named_parameters())
+    assert any(p is skip.W_skip for g in skip.param_groups(0.1) for p in g["params"])
+    x, y = torch.randn(32, 16), torch.randn(32, 24)
+    losses = []
+    for sae in (skip, plain):
+        y_hat, code = sae(x)
+        losses.append(sae.reconstruction_loss(code, y, y_hat))
+        losses[-1].backward()
+    assert torch.equal(losses[0], losses[1])
+    for name, p in plain.named_parameters():
+        assert torch.equal(skip.get_parameter(name).grad, p.grad) if p.grad is not None else True, name
+    y_hat = plain(x)[0].detach()
+    assert torch.allclose(skip.W_skip.grad, (2 * (y_hat - y) / 32).T @ x, atol=1e-5)
+    with torch.no_grad():
+        skip.W_skip.normal_()
+    assert torch.allclose(skip(x)[0], y_hat + x @ skip.W_skip.T, atol=1e-5)
+    assert skip(x.view(4, 8, 16))[0].shape == (4, 8, 24)
+    with pytest.raises(ValueError, match="skip_connection is for a transcoder"):
+        SAE(16, 64, "topk", 4, skip_connection=True)
+
+
+@pytest.mark.parametrize("act_fn", ["relu", "jumprelu", "topk", "batchtopk"])
+def test_skip_transcoder_folds_its_scales_and_saves(act_fn, tmp_path):
+    """Trained on x s_in -> y s_out, the folded skip transcoder on raw x gives the unfolded one's
+    output on scaled x, divided by s_out (W_skip scales by s_in / s_out); and it saves and loads to
+    the same outputs."""
+    sae = skip_transcoder(act_fn=act_fn, skip_connection=True, jumprelu_init_threshold=0.05)
+    with torch.no_grad():
+        sae.W_skip.normal_(0, 0.3)
+    sae(torch.randn(64, 16))                             # batchtopk: a running threshold
+    sae.eval()
+    x, s_in, s_out = torch.randn(32, 16) * 7.0 + 1.0, 0.37, 2.9
+    y_scaled, code_scaled = sae(x * s_in)
+    sae.fold_scales_(s_in, s_out)
+    y_raw, code_raw = sae(x)
+    assert torch.allclose(y_raw, y_scaled / s_out, atol=1e-5)
+    assert torch.equal(code_raw.nnz_per_token(), code_scaled.nnz_per_token())
+    sae.save(tmp_path / "s")
+    loaded = SAE.load(tmp_path / "s")
+    assert loaded.skip_connection and torch.equal(loaded.W_skip, sae.W_skip)
+    assert torch.equal(loaded(x)[0], y_raw)
+
+
+def test_load_checks_the_weights_against_the_checksum_in_config(tmp_path):
+    """config.json records the sha256 of sae.safetensors: another SAE's weights of the same shapes,
+    or a file cut short, fail in one line; a folder saved before checksums loads unchecked."""
+    make("topk").save(tmp_path / "a")
+    torch.manual_seed(1)
+    SAE(16, 64, "topk", 4).save(tmp_path / "b")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert len(config["sha256"]) == 64
+    data = (tmp_path / "a" / "sae.safetensors").read_bytes()
+    os.replace(tmp_path / "b" / "sae.safetensors", tmp_path / "a" / "sae.safetensors")
+    with pytest.raises(ValueError, match=r"not the file saved with its config.json \(sha256 [0-9a-f]{12}\.\.\., "
+                                         r"recorded [0-9a-f]{12}\.\.\.\): another SAE's weights"):
+        SAE.load(tmp_path / "a")
+    (tmp_path / "a" / "sae.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="unreadable .*cut short or damaged, its sha256 is not the one"):
+        SAE.load(tmp_path / "a")
+    (tmp_path / "a" / "sae.safetensors").write_bytes(data)
+    assert torch.equal(SAE.load(tmp_path / "a").W_enc, make("topk").W_enc)
+    del config["sha256"]                 # a folder saved before checksums: nothing to check against
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    assert torch.equal(SAE.load(tmp_path / "a").W_enc, make("topk").W_enc)
+
+
+def test_a_failed_save_raises_one_line_and_leaves_no_partial_file(tmp_path):
+    """A real failed write: a child process under a file-size limit smaller than the weights (the
+    write fails with EFBIG; SIGXFSZ, which would kill it, ignored). One line names the file; no
+    partial or temporary file is left, and the folder's earlier files are intact."""
+    import subprocess
+    import sys
+    make("topk", m=4096).save(tmp_path)                     # an earlier save, ~0.5 MB of weights
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    code = ("import resource, signal, sys, torch; sys.path.insert(0, '.'); from sae import SAE, SaveError\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))\n"
+            "try:\n    SAE(16, 4096, 'topk', 4).save(sys.argv[1])\n"
+            "except SaveError as e:\n    print(e); sys.exit(3)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 3, r.stderr[-2000:]
+    weights = tmp_path / "sae.safetensors"
+    assert r.stdout.strip() == f"cannot write {weights}: file too large (its partial file is removed)"
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -139,3 +139,32 @@ def test_torchrun_trains_a_sweep(tiny_model_path, tmp_path):
         assert abs(a["explained_variance"] - b["explained_variance"]) < 0.03, (a, b)
         assert a["l0"] == b["l0"] == 8
     shutil.rmtree(two / "checkpoints", ignore_errors=True)
+
+
+def test_matryoshka_and_skip_transcoders_train_in_a_sweep(tiny_model_path, tmp_path):
+    out = tmp_path / "mat"
+    res = train.main(train.parse_args(args_for(tiny_model_path, out, "--act-fn", "batchtopk",
+                                               "--matryoshka-prefixes", "0", "3", steps=30)))
+    mat = SAE.load(str(out / "mat3"))
+    assert mat.matryoshka_sizes == [64, 128, 256] and SAE.load(str(out / "mat3" / "jumprelu")).act_fn == "jumprelu"
+    assert res["mat3"]["l0"] == pytest.approx(8, abs=1e-6)
+    # the logged reconstruction term of a Matryoshka SAE sums its 3 prefixes' errors
+    last = {name: [json.loads(line) for line in open(out / name / "log.jsonl")][-1] for name in ("mat0", "mat3")}
+    assert last["mat3"]["mse"] > 1.5 * last["mat0"]["mse"]
+    # a skip transcoder from block 0's residual to block 1's (nearly linear: x plus one block's
+    # update) reconstructs far better than the transcoder without one
+    (tmp_path / "tc.toml").write_text('hook_point_in = "blocks.0.hook_resid_post"\n'
+                                      'hook_point_out = "blocks.1.hook_resid_post"\n'
+                                      '[[saes]]\nskip_connection = false\n[[saes]]\nskip_connection = true\n')
+    out = tmp_path / "tc"
+    argv = args_for(tiny_model_path, out, "--lr", "5e-3", steps=30)
+    del argv[2:4]                                                      # (--hook-point-in: the file's)
+    res = train.main(train.parse_args(["--config", str(tmp_path / "tc.toml"), *argv]))
+    assert sorted(res) == ["noskip", "skip"]
+    skip = SAE.load(str(out / "skip"))
+    assert skip.skip_connection and skip.W_skip.abs().max() > 0.05
+    assert res["skip"]["explained_variance"] > res["noskip"]["explained_variance"] + 0.03
+    with pytest.raises(ValueError, match="--skip-connection is for a transcoder"):
+        train.Config(skip_connection=True)
+    with pytest.raises(ValueError, match="--matryoshka-prefixes does nothing with --act-fn relu"):
+        train.Config(act_fn="relu", matryoshka_prefixes=3)
