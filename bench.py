@@ -46,6 +46,9 @@ speed: no one should train that way, and timing it would take most of the bench'
            parts allow run one after the other, 1 / (1/LM + 1/cached): the LM forward of section
            3, the cached run for all the rest (measured minutes apart: on a busy machine the ratio
            can pass 100%).
+5. analyze analyze.py as a user runs it, in a process of its own, on a fresh TopK SAE at HOOK: the
+           seconds of its LM forwards against those of its whole stream (LM, SAE encode, streaming
+           top-k and samples) over the same tokens, both timed inside that process.
 """
 import argparse
 import datetime
@@ -447,11 +450,43 @@ def bench_train(a, out: Report) -> tuple[dict, str]:
     return rates, cfg["model_dtype"]
 
 
+# --- 5. analyze.py: the LM forward and the SAE's latent statistics, in one process ----------------
+
+
+def bench_analyze(a, out: Report) -> float:
+    """`python analyze.py` on a fresh TopK SAE (k = 64, 8x) at HOOK, over the first contexts of the
+    bundled text, in a process of its own. The process times its own LM forwards and its whole
+    stream (LM, SAE encode, streaming top-k and samples), so the ratio of the two is what the
+    analysis adds to the LM forward of the same tokens. Returns that ratio."""
+    n, batch = (4, 2) if a.quick else (64, 16) if a.device == "cpu" else (256, 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        run = {"model": acts.EMBEDDED_MODEL, "hook_point_in": HOOK, "context_size": CONTEXT,
+               "dataset": acts.EMBEDDED_DATASET, "eval_tokens": n * CONTEXT, "model_dtype": "float32"}
+        SAE(576, 8 * 576, "topk", 64).save(tmp, {"train": run})
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "analyze.py", tmp, "--batch-contexts", str(batch), "--device", a.device],
+                           cwd=HERE, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if r.returncode:
+            raise RuntimeError(f"analyze.py exited with {r.returncode}:\n{(r.stdout + r.stderr)[-4000:]}")
+        with open(os.path.join(tmp, "features", "summary.js")) as f:
+            text = f.read()
+        meta = json.loads(text[text.index(",") + 1:text.rindex(")")])["meta"]
+    tokens = meta["contexts"] * CONTEXT
+    out.say(f"{tokens:,} tokens ({n} contexts of {CONTEXT}, {batch} per forward) up to {HOOK}, fp32; SAE topk "
+            f"k=64, {8 * 576:,} latents; top 20 and 10 samples per latent; process wall {wall:.0f} s")
+    out.table(["part", "tokens/s", "s"],
+              [[name, f"{tokens / meta[k]:,.0f}", f"{meta[k]:.1f}"] for name, k in
+               (("LM forward alone", "lm_seconds"), ("analysis (LM + SAE + top-k + samples)", "seconds"))])
+    return meta["seconds"] / meta["lm_seconds"]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats: a fast check")
-    p.add_argument("--sections", default="matmul,sae,lm,train", help="a comma-separated subset")
+    p.add_argument("--sections", default="matmul,sae,lm,train,analyze", help="a comma-separated subset")
     p.add_argument("--dtypes", default="auto", help="fp32 or fp32,bf16; auto: fp32, and bf16 where the "
                    "device computes it natively")
     p.add_argument("--markdown", metavar="FILE", help="also write the tables and the summary to FILE as "
@@ -524,6 +559,9 @@ def main():
             both = 1 / (1 / lm + 1 / r["cached"])       # the LM and the rest, one after the other
             summary.append(f"streaming reaches {r['streaming'] / both:.0%} of 1 / (1/LM + 1/cached) = {both:,.0f} "
                            f"tokens/s (LM: section 3's bridge in {lm_dtype}, {lm:,.0f} tokens/s)")
+    if "analyze" in sections:
+        out.section("5. analyze.py")
+        summary.append(f"analyze.py: analysis/LM forward of the same tokens {bench_analyze(a, out):.2f}x")
     out.summary(summary)
     out.say(f"total wall time {time.perf_counter() - t0:.0f} s")
     if a.markdown:
