@@ -49,6 +49,10 @@ speed: no one should train that way, and timing it would take most of the bench'
 5. analyze analyze.py as a user runs it, in a process of its own, on a fresh TopK SAE at HOOK: the
            seconds of its LM forwards against those of its whole stream (LM, SAE encode, streaming
            top-k and samples) over the same tokens, both timed inside that process.
+6. sweep   train.py sweeping eight SAEs (k = 16, 32, 64, 128 x topk, batchtopk, 8x) on one stream
+           from the LM, against the same eight trained by eight single runs of the same tokens, each
+           a process of its own, timed whole (start, LM load, training, evaluation): the sweep runs
+           the LM once, the SAE steps eight times. --quick: two SAEs (k = 16, 32, topk).
 """
 import argparse
 import datetime
@@ -482,11 +486,36 @@ def bench_analyze(a, out: Report) -> float:
     return meta["seconds"] / meta["lm_seconds"]
 
 
+# --- 6. a sweep against single runs ---------------------------------------------------------------
+
+
+def bench_sweep(a, out: Report) -> float:
+    """The eight SAEs of one sweep process against eight single-run processes; returns the
+    sweep's wall time over the single runs' total."""
+    steps, log_every = a.train_steps
+    ks, act_fns = ((16, 32), ("topk",)) if a.quick else ((16, 32, 64, 128), ("topk", "batchtopk"))
+    run = {**a.train, "total-training-tokens": steps * a.train["batch-size"], "log-frequency": log_every,
+           "eval-tokens": a.eval_tokens, "device": a.device}
+    flags = [s for k, v in run.items() for s in (f"--{k}", str(v))]
+    with tempfile.TemporaryDirectory() as tmp:
+        sweep = train_py(flags + ["--top-k", *map(str, ks), "--act-fn", *act_fns, "--exp-result-path",
+                                  os.path.join(tmp, "sweep")])
+        single = [train_py(flags + ["--top-k", str(k), "--act-fn", f, "--exp-result-path", os.path.join(tmp, f"{f}{k}")])
+                  for k in ks for f in act_fns]
+    n = len(single)
+    out.say(f"{n} SAEs (k {', '.join(map(str, ks))} x {', '.join(act_fns)}, expansion 8), {steps} steps of "
+            f"{a.train['batch-size']} tokens each, evaluation of {a.eval_tokens:,} tokens; process wall times")
+    out.table(["processes", "wall s", "per SAE s"],
+              [[f"one sweep of {n}", f"{sweep:.0f}", f"{sweep / n:.1f}"],
+               [f"{n} single runs", f"{sum(single):.0f}", f"{sum(single) / n:.1f}"]])
+    return sweep / sum(single)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats: a fast check")
-    p.add_argument("--sections", default="matmul,sae,lm,train,analyze", help="a comma-separated subset")
+    p.add_argument("--sections", default="matmul,sae,lm,train,analyze,sweep", help="a comma-separated subset")
     p.add_argument("--dtypes", default="auto", help="fp32 or fp32,bf16; auto: fp32, and bf16 where the "
                    "device computes it natively")
     p.add_argument("--markdown", metavar="FILE", help="also write the tables and the summary to FILE as "
@@ -562,6 +591,9 @@ def main():
     if "analyze" in sections:
         out.section("5. analyze.py")
         summary.append(f"analyze.py: analysis/LM forward of the same tokens {bench_analyze(a, out):.2f}x")
+    if "sweep" in sections:
+        out.section("6. a sweep of SAEs against single runs")
+        summary.append(f"sweep/single runs, wall time of the same SAEs: {bench_sweep(a, out):.2f}x")
     out.summary(summary)
     out.say(f"total wall time {time.perf_counter() - t0:.0f} s")
     if a.markdown:

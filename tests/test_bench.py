@@ -44,6 +44,8 @@ def test_bench_quick_runs_every_section_and_writes_markdown(tmp_path):
                      r"\d+\.\d+x; held-out evaluation \(--eval-only process, LM load included\) [\d,]+ tokens/s",
                      summary), summary
     assert re.search(r"streaming reaches \d+% of 1 / \(1/LM \+ 1/cached\)", summary), summary
+    assert re.search(r"analyze.py: analysis/LM forward of the same tokens \d+\.\d+x", summary), summary
+    assert re.search(r"sweep/single runs, wall time of the same SAEs: \d+\.\d+x", summary), summary
 
     # The Markdown file: the machine first, then every section's table and the same summary.
     text = md.read_text()
