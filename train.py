@@ -659,6 +659,8 @@ def read_config_file(path: str) -> dict:
         raise ValueError(f"--config {path}: should hold key = value pairs of Config fields, not a "
                          f"{type(values).__name__}")
     values.pop("code", None)              # train_config.json records the code it ran: not a setting
+    if any(isinstance(v, dict) for v in values.values()):     # sections: the reference system's layout
+        values = from_reference_sections(values, path)
     saes = values.pop("saes", None)
     if saes is not None and not (isinstance(saes, list) and saes and all(isinstance(s, dict) for s in saes)):
         raise ValueError(f"--config {path}: saes should be a list of tables of per-SAE settings")
@@ -673,6 +675,45 @@ def read_config_file(path: str) -> dict:
             if not _type_ok(value, fields[key].type):
                 raise ValueError(f"--config {path}: {where}{key} = {value!r} should be of type {fields[key].type}")
     return {**values, "saes": saes} if saes else values
+
+
+def from_reference_sections(values: dict, path: str) -> dict:
+    """A train_config.toml of the reference system (Language-Model-SAEs), whose settings sit in
+    sections ([sae], [initializer], [trainer], [model], [datasets."NAME"], [activation_factory] with
+    its sources and buffer_shuffle), as our flat fields; "torch.float32" is float32. sae_name,
+    sae_series and the top-level model_name label its records (here, the folder does). A key with
+    no counterpart here is an error that names it, never a silent drop."""
+    fields, flat, unknown = {f.name for f in dataclasses.fields(Config)} - set(NOT_SAVED), {}, []
+
+    def take(table: dict, where: str, names: dict = {}):
+        for key, value in table.items():
+            name = names.get(key, {"device_type": "device", "l1_coefficient": "sparsity_coefficient"}.get(key, key))
+            if name in fields:
+                flat[name] = value.removeprefix("torch.") if isinstance(value, str) else value
+            else:
+                unknown.append(where + key)
+    for label in ("sae_name", "sae_series", "model_name"):
+        values.pop(label, None)
+    sae, af, datasets = (values.pop(k, {}) for k in ("sae", "activation_factory", "datasets"))
+    sae.pop("d_model", None)                                   # (read from the model here)
+    if sae.pop("sae_type", "sae") not in ("sae", "transcoder") or af.pop("target", "activations-1d") != "activations-1d":
+        unknown.append("sae.sae_type or activation_factory.target (here: sae or transcoder, of activations-1d)")
+    hooks, sources = af.pop("hook_points", []), af.pop("sources", [])
+    take(af.pop("buffer_shuffle", {}), "activation_factory.buffer_shuffle.")
+    for section, table in [("sae", sae), ("activation_factory", af)] + [(k, values.pop(k, {})) for k in (
+            "initializer", "trainer", "model")]:
+        take(table, section + ".", {"model_name": "model", "dtype": "model_dtype"} if section == "model" else {})
+    take(values, "")
+    for source in sources:
+        if source.get("type") != "dataset" or source.get("name") not in datasets:
+            unknown.append(f"activation_factory.sources {source} (here: one dataset of [datasets])")
+        else:
+            take(datasets[source["name"]], f"datasets.{source['name']}.", {"dataset_name_or_path": "dataset"})
+    unknown += [f"activation_factory.hook_points {h}" for h in hooks
+                if h not in (flat.get("hook_point_in"), flat.get("hook_point_out"))]
+    if unknown:
+        raise ValueError(f"--config {path}: nanoSAE has no counterpart of {', '.join(unknown)}")
+    return flat
 
 
 def expand_grid(argv: list[str]) -> list[list[str]]:

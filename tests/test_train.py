@@ -350,3 +350,70 @@ def test_auto_dtypes_pick_bf16_only_where_it_is_native(monkeypatch, capsys):
         assert (c.model_dtype, c.amp_dtype) == (want, want) and f"LM forward {want}" in capsys.readouterr().out
         c = train.resolve_dtypes([cfg(model_dtype="float16", amp_dtype="float32")], "cpu")[0]
         assert (c.model_dtype, c.amp_dtype) == ("float16", "float32")
+
+
+REFERENCE_TOML = '''sae_name = "pythia-160m-sae"
+sae_series = "pythia-sae"
+model_name = "pythia-160m"
+device_type = "cuda"
+[sae]
+sae_type = "sae"
+hook_point_in = "blocks.6.hook_resid_post"
+hook_point_out = "blocks.6.hook_resid_post"
+d_model = 768
+expansion_factor = 8
+act_fn = "relu"
+dtype = "torch.float32"
+device = "cuda"
+[initializer]
+grid_search_init_norm = true
+[trainer]
+amp_dtype = "torch.float32"
+lr = 0.0001
+total_training_tokens = 800_000_000
+log_frequency = 1000
+exp_result_path = "results"
+[model]
+model_name = "EleutherAI/pythia-160m"
+device = "cuda"
+dtype = "torch.float16"
+[datasets."SlimPajama-3B"]
+dataset_name_or_path = "Hzfinfdu/SlimPajama-3B"
+[activation_factory]
+target = "activations-1d"
+hook_points = ["blocks.6.hook_resid_post"]
+batch_size = 4096
+buffer_size = 16384
+[[activation_factory.sources]]
+type = "dataset"
+name = "SlimPajama-3B"
+[activation_factory.buffer_shuffle]
+perm_seed = 42
+generator_device = "cuda"
+'''
+
+
+def test_the_reference_systems_train_config_toml_runs(tmp_path):
+    (tmp_path / "ref.toml").write_text(REFERENCE_TOML)
+    c, = train.parse_args(["--config", str(tmp_path / "ref.toml")])
+    want = dict(model="EleutherAI/pythia-160m", model_dtype="float16", device="cuda", hook_point_in="blocks.6.hook_resid_post",
+                hook_point_out="blocks.6.hook_resid_post", expansion_factor=8, act_fn="relu", dtype="float32",
+                amp_dtype="float32", grid_search_init_norm=True, lr=1e-4, total_training_tokens=800_000_000,
+                log_frequency=1000, exp_result_path="results", dataset="Hzfinfdu/SlimPajama-3B", batch_size=4096,
+                buffer_size=16384, perm_seed=42, generator_device="cuda")
+    assert {k: getattr(c, k) for k in want} == want
+    # a key with no counterpart is named, in one line
+    (tmp_path / "bad.toml").write_text(REFERENCE_TOML.replace("[initializer]\n", "[initializer]\ninit_encoder_with_decoder_transpose = true\n"))
+    with pytest.raises(ValueError, match=r"no counterpart of initializer.init_encoder_with_decoder_transpose$"):
+        train.parse_args(["--config", str(tmp_path / "bad.toml")])
+    # the same file pointed at the embedded model and text trains
+    local = (REFERENCE_TOML.replace('"EleutherAI/pythia-160m"', f'"{acts.EMBEDDED_MODEL}"')
+             .replace('"Hzfinfdu/SlimPajama-3B"', f'"{acts.EMBEDDED_DATASET_DIR}"').replace('"cuda"', '"cpu"')
+             .replace("blocks.6.", "blocks.2.").replace("torch.float16", "torch.float32")
+             .replace("800_000_000", "4096").replace("batch_size = 4096", "batch_size = 512")
+             .replace("buffer_size = 16384", "buffer_size = 2048").replace("log_frequency = 1000", "log_frequency = 4")
+             .replace('"results"', f'"{tmp_path / "run"}"'))
+    (tmp_path / "local.toml").write_text(local)
+    c, = train.parse_args(["--config", str(tmp_path / "local.toml"), "--eval-tokens", "1024", "--context-size", "64"])
+    res = train.main(c)
+    assert res["l0"] > 0 and res["explained_variance"] > 0 and (tmp_path / "run" / "sae.safetensors").exists()
