@@ -331,14 +331,17 @@ def write_json(obj: dict, path: str):
 
 
 @contextlib.contextmanager
-def caught_signals(stop: threading.Event | None = None):
+def caught_signals(stop: threading.Event | None = None, abandon: threading.Event | None = None):
     """SIGTERM and SIGINT within the block. With an Event they set it, and the training loop
-    checkpoints and stops at the end of its step; without one they raise KeyboardInterrupt at once
-    (an evaluation: a scheduler's kill follows its SIGTERM, and the checkpoint must come first)."""
+    checkpoints and stops at the end of its step; without one, or while `abandon` is set, they
+    raise KeyboardInterrupt at once (an evaluation, or the stream refilling its buffer: a
+    scheduler's kill follows its SIGTERM, and the checkpoint must come first)."""
     def handler(sig, frame):
         if stop is None:
             raise KeyboardInterrupt
         stop.set()
+        if abandon is not None and abandon.is_set():
+            raise KeyboardInterrupt
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
@@ -1191,12 +1194,23 @@ def train_loop(cfg: Config, members: list[Member], step: int, batches, model, dr
                               enabled=cfg.amp_dtype != "float32")
     for m in members:
         m.window = acts.Stats(m.sae.d_out, m.sae.d_sae, device)
-    stop, position = threading.Event(), None
+    stop, fetching, position = threading.Event(), threading.Event(), None
     t0 = saved_at = time.time()
-    with progress_bar(total_steps * cfg.batch_size, step * cfg.batch_size, rank) as bar, caught_signals(stop):
+    with progress_bar(total_steps * cfg.batch_size, step * cfg.batch_size, rank) as bar, caught_signals(stop, fetching):
         while step < total_steps:
             try:
-                rows, position = next(batches)
+                if world == 1:      # a signal abandons a refill of the buffer (seconds of LM forwards);
+                    fetching.set()  # (under torchrun the other ranks would wait in a collective)
+                got = next(batches)
+                fetching.clear()    # (a signal before this line drops the batch just fetched)
+                rows, position = got
+            except KeyboardInterrupt:   # the checkpoint: the steps done, at the last batch's position
+                fetching.clear()
+                if position is not None:
+                    write_checkpoint(cfg, members, step, position, wandb_run, rank, world)
+                print0(f"stopped by a signal at step {step}; " + (f"checkpoint written, resume with --resume "
+                       f"{cfg.exp_result_path}" if position is not None else "no step was done"))
+                break
             except ValueError as e:  # bad data (a broken line deep in a .jsonl): keep the steps done
                 if world > 1 or position is None:   # (under torchrun the other ranks wait in a collective)
                     raise

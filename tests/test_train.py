@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import activations as acts
 import train
@@ -261,6 +262,35 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_checkpoints(tiny_mode
     assert at > 1 and saved[-1] == f"step_{at - 1:09d}.pt"     # none of the nan weights
     ckpt = torch.load(out / "checkpoints" / saved[-1], weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["saes"][0]["sae"].values())
+
+
+def test_a_signal_during_a_buffer_refill_checkpoints_the_steps_done_without_finishing_it(
+        tiny_model_path, tmp_path, monkeypatch):
+    # SIGTERM while the stream reads the LM to refill its buffer: the refill is abandoned, the
+    # checkpoint holds the steps done at the last batch's position, and the resumed run ends where
+    # an uninterrupted one does.
+    c = cfg(model=tiny_model_path, model_dtype="float32", device="cpu", hook_point_in="blocks.1.hook_resid_post",
+            context_size=64, eval_tokens=1024, model_batch_contexts=4, top_k=8, batch_size=256,
+            buffer_size=1024, total_training_tokens=256 * 30, log_frequency=10,
+            exp_result_path=str(tmp_path / "whole"))
+    train.main(c)
+    real, read = train.lm_chunks, []
+
+    def chunks(*args):
+        for item in real(*args):
+            read.append(1)
+            if len(read) == 12:
+                os.kill(os.getpid(), signal.SIGTERM)   # arrives inside next(batches)
+            yield item
+    monkeypatch.setattr(train, "lm_chunks", chunks)
+    cut = dataclasses.replace(c, exp_result_path=str(tmp_path / "cut"))
+    stopped = train.main(cut)["stopped_at"]
+    assert len(read) == 12 and 0 < stopped < 30         # nothing read after the signal
+    assert os.listdir(tmp_path / "cut" / "checkpoints") == [f"step_{stopped:09d}.pt"]
+    monkeypatch.setattr(train, "lm_chunks", real)
+    train.main(dataclasses.replace(cut, resume=str(tmp_path / "cut")))
+    a, b = (load_file(str(tmp_path / d / "sae.safetensors")) for d in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bad_data_deep_in_a_run_keeps_the_steps_done_and_the_run_resumes(tiny_model_path, tmp_path):
