@@ -625,9 +625,11 @@ def start_wandb(cfgs: list[Config], ckpt: dict | None):
                          f"WANDB_MODE=offline and `wandb sync` later") from None
     # The charts' x axis is our step, logged as a value, not W&B's own step: a run resumed from a
     # checkpoint logs again the steps after it, which W&B would drop as a step going backwards.
+    # (W&B takes globs only as suffixes: a sweep names each SAE's prefix.)
     run.define_metric("step")
-    for prefix in ("train/*", "eval/*", "*/train/*", "*/eval/*"):
-        run.define_metric(prefix, step_metric="step")
+    for name in [""] if len(cfgs) == 1 else [n + "/" for n in sweep_names(cfgs)]:
+        for part in ("train/*", "eval/*"):
+            run.define_metric(name + part, step_metric="step")
     return run
 
 

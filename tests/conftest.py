@@ -45,3 +45,10 @@ def trained_run(tmp_path_factory):
                                   # higher lr, so that so short a run is already a useful SAE
                                   max_norm_ratio=10.0, lr=1e-3))
     return out, res
+
+
+def pytest_collection_modifyitems(items):
+    """A hung test fails after half an hour (with pytest-timeout, from requirements.txt) instead of
+    holding the suite; even the slowest test here takes a few minutes on a busy 2-core machine."""
+    for item in items:
+        item.add_marker(pytest.mark.timeout(1800))

@@ -113,6 +113,7 @@ def test_sigterm_checkpoints_at_that_step_exits_0_and_resume_continues_wandb(tin
     p = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env)
     while not os.path.exists(out / "log.jsonl"):                   # wait for a status line
+        assert p.poll() is None, p.communicate()[1][-3000:]
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     stdout, _ = p.communicate(timeout=120)

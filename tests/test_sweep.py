@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import train
 from sae import SAE
-from test_runs import args_for, checkpoints, kill_at_a_checkpoint, max_diff, run, weights
+from test_runs import args_for, checkpoints, kill_at_a_checkpoint, max_diff, run, wandb_runs, weights
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 
@@ -141,10 +141,14 @@ def test_torchrun_trains_a_sweep(tiny_model_path, tmp_path):
     shutil.rmtree(two / "checkpoints", ignore_errors=True)
 
 
-def test_matryoshka_and_skip_transcoders_train_in_a_sweep(tiny_model_path, tmp_path):
+def test_matryoshka_and_skip_transcoders_train_in_a_sweep(tiny_model_path, tmp_path, monkeypatch):
     out = tmp_path / "mat"
+    monkeypatch.setenv("WANDB_MODE", "offline")
     res = train.main(train.parse_args(args_for(tiny_model_path, out, "--act-fn", "batchtopk",
-                                               "--matryoshka-prefixes", "0", "3", steps=30)))
+                                               "--matryoshka-prefixes", "0", "3", "--wandb-project",
+                                               "nanosae-test", steps=30)))
+    (record,) = wandb_runs(out)         # one W&B run, each SAE's metrics under its name
+    assert all(s in record[1] for s in (b"mat0/train/*", b"mat3/eval/*", b"mat3/train/l0"))
     mat = SAE.load(str(out / "mat3"))
     assert mat.matryoshka_sizes == [64, 128, 256] and SAE.load(str(out / "mat3" / "jumprelu")).act_fn == "jumprelu"
     assert res["mat3"]["l0"] == pytest.approx(8, abs=1e-6)
