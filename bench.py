@@ -46,7 +46,7 @@ speed: no one should train that way, and timing it would take most of the bench'
            parts allow run one after the other, 1 / (1/LM + 1/cached): the LM forward of section
            3, the cached run for all the rest (measured minutes apart: on a busy machine the ratio
            can pass 100%).
-5. analyze analyze.py as a user runs it, in a process of its own, on a fresh TopK SAE at HOOK: the
+5. analyze analyze.py as a user runs it, in a process of its own, on a fresh TopK SAE at --hook: the
            seconds of its LM forwards against those of its whole stream (LM, SAE encode, streaming
            top-k and samples) over the same tokens, both timed inside that process.
 6. sweep   train.py sweeping eight SAEs (k = 16, 32, 64, 128 x topk, batchtopk, 8x) on one stream
@@ -139,6 +139,7 @@ def machine(a) -> list[str]:
               f"Python {platform.python_version()}, {platform.system()} {platform.release()}",
               f"date: {datetime.datetime.now().astimezone().isoformat(timespec='minutes')}",
               f"command: {shlex.join(['python', *sys.argv])}",
+              f"LM of sections 3-6: {a.model}, at {a.hook}",
               f"code: {code_version()}",
               # other processes on the machine skew every figure: the load average says how busy it was
               f"load average at the start: {os.getloadavg()[0]:.1f}",
@@ -364,17 +365,17 @@ def bench_lm(a, out: Report) -> tuple[dict, dict]:
     n, ratios, rates, rows = a.lm_contexts, {}, {}, []
     for name in a.dtypes:
         dtype = {"fp32": "float32", "bf16": "bfloat16"}[name]
-        bridge = acts.load_model(acts.EMBEDDED_MODEL, dtype, a.device)
+        bridge = acts.load_model(a.model, dtype, a.device)
         contexts = acts.iter_contexts(lambda: acts.iter_texts(acts.EMBEDDED_DATASET), bridge.tokenizer, CONTEXT)
         batch = [next(contexts) for _ in range(n)]      # tokenized once: both time the forward only
         drop = acts.special_token_ids(bridge.tokenizer)
-        raw = transformers.AutoModelForCausalLM.from_pretrained(acts.embedded_model_path(),
-                                                                dtype=acts.DTYPES[dtype]).to(a.device).eval()
-        raw.model.layers = raw.model.layers[:acts.hook_layer(HOOK) + 1]   # blocks 0..15, as stop_at_layer
+        path = acts.embedded_model_path() if a.model == acts.EMBEDDED_MODEL else a.model
+        raw = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=acts.DTYPES[dtype]).to(a.device).eval()
+        raw.model.layers = raw.model.layers[:acts.hook_layer(a.hook) + 1]    # as stop_at_layer
         tokens_BT = torch.stack([c for _, c in batch]).to(a.device)
 
         def bridge_fwd():
-            return list(acts.iter_activations(bridge, iter(batch), [HOOK], drop, n, a.device))
+            return list(acts.iter_activations(bridge, iter(batch), [a.hook], drop, n, a.device))
         with torch.no_grad():
             rounds = timeit([bridge_fwd, lambda: raw.model(tokens_BT)], a.device, *a.lm_reps)
         t_bridge, t_raw = map(statistics.median, rounds)
@@ -384,7 +385,7 @@ def bench_lm(a, out: Report) -> tuple[dict, dict]:
         rows.append([name, f"{rates[name]:,.0f}", f"{n * CONTEXT / t_raw:,.0f}", f"{ratios[name]:.2f}x"])
         attn = (bridge.original_model.config._attn_implementation, raw.config._attn_implementation)
         bridge = raw = None                             # free both models before the next dtype
-    out.say(f"{n} contexts of {CONTEXT} tokens per forward, up to {HOOK}; attention: bridge {attn[0]}, raw {attn[1]}")
+    out.say(f"{n} contexts of {CONTEXT} tokens per forward, up to {a.hook}; attention: bridge {attn[0]}, raw {attn[1]}")
     out.table(["dtype", "bridge tokens/s", "raw HF tokens/s", "bridge/raw"], rows)
     return ratios, rates
 
@@ -419,7 +420,7 @@ def bench_train(a, out: Report) -> tuple[dict, str]:
     dtype, as train.py chose it."""
     steps, log_every = a.train_steps
     run = {**a.train, "total-training-tokens": steps * a.train["batch-size"], "log-frequency": log_every,
-           "eval-tokens": a.eval_tokens, "device": a.device}
+           "eval-tokens": a.eval_tokens, "device": a.device, "model": a.model, "hook-point-in": a.hook}
     flags = [s for k, v in run.items() for s in (f"--{k}", str(v))]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -458,16 +459,16 @@ def bench_train(a, out: Report) -> tuple[dict, str]:
 
 
 def bench_analyze(a, out: Report) -> float:
-    """`python analyze.py` on a fresh TopK SAE (k = 64, 8x) at HOOK, over the first contexts of the
+    """`python analyze.py` on a fresh TopK SAE (k = 64, 8x) at --hook, over the first contexts of the
     bundled text, in a process of its own. The process times its own LM forwards and its whole
     stream (LM, SAE encode, streaming top-k and samples), so the ratio of the two is what the
     analysis adds to the LM forward of the same tokens. Returns that ratio."""
     n, batch = (4, 2) if a.quick else (64, 16) if a.device == "cpu" else (256, 64)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        run = {"model": acts.EMBEDDED_MODEL, "hook_point_in": HOOK, "context_size": CONTEXT,
+        run = {"model": a.model, "hook_point_in": a.hook, "context_size": CONTEXT,
                "dataset": acts.EMBEDDED_DATASET, "eval_tokens": n * CONTEXT, "model_dtype": "float32"}
-        SAE(576, 8 * 576, "topk", 64).save(tmp, {"train": run})
+        SAE(a.d_model, 8 * a.d_model, "topk", min(64, a.d_model)).save(tmp, {"train": run})
         t = time.perf_counter()
         r = subprocess.run([sys.executable, "analyze.py", tmp, "--batch-contexts", str(batch), "--device", a.device],
                            cwd=HERE, capture_output=True, text=True)
@@ -478,8 +479,8 @@ def bench_analyze(a, out: Report) -> float:
             text = f.read()
         meta = json.loads(text[text.index(",") + 1:text.rindex(")")])["meta"]
     tokens = meta["contexts"] * CONTEXT
-    out.say(f"{tokens:,} tokens ({n} contexts of {CONTEXT}, {batch} per forward) up to {HOOK}, fp32; SAE topk "
-            f"k=64, {8 * 576:,} latents; top 20 and 10 samples per latent; process wall {wall:.0f} s")
+    out.say(f"{tokens:,} tokens ({n} contexts of {CONTEXT}, {batch} per forward) up to {a.hook}, fp32; SAE topk "
+            f"k={min(64, a.d_model)}, {8 * a.d_model:,} latents; top 20 and 10 samples per latent; process wall {wall:.0f} s")
     out.table(["part", "tokens/s", "s"],
               [[name, f"{tokens / meta[k]:,.0f}", f"{meta[k]:.1f}"] for name, k in
                (("LM forward alone", "lm_seconds"), ("analysis (LM + SAE + top-k + samples)", "seconds"))])
@@ -495,7 +496,7 @@ def bench_sweep(a, out: Report) -> float:
     steps, log_every = a.train_steps
     ks, act_fns = ((16, 32), ("topk",)) if a.quick else ((16, 32, 64, 128), ("topk", "batchtopk"))
     run = {**a.train, "total-training-tokens": steps * a.train["batch-size"], "log-frequency": log_every,
-           "eval-tokens": a.eval_tokens, "device": a.device}
+           "eval-tokens": a.eval_tokens, "device": a.device, "model": a.model, "hook-point-in": a.hook}
     flags = [s for k, v in run.items() for s in (f"--{k}", str(v))]
     with tempfile.TemporaryDirectory() as tmp:
         sweep = train_py(flags + ["--top-k", *map(str, ks), "--act-fn", *act_fns, "--exp-result-path",
@@ -516,12 +517,16 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats: a fast check")
     p.add_argument("--sections", default="matmul,sae,lm,train,analyze,sweep", help="a comma-separated subset")
+    p.add_argument("--model", default=acts.EMBEDDED_MODEL, help="the LM of sections 3-6 (a tiny one makes "
+                   "--quick a check of the code in seconds, not of the speed)")
+    p.add_argument("--hook", default=HOOK, help="the hook point of sections 3-6")
     p.add_argument("--dtypes", default="auto", help="fp32 or fp32,bf16; auto: fp32, and bf16 where the "
                    "device computes it natively")
     p.add_argument("--markdown", metavar="FILE", help="also write the tables and the summary to FILE as "
                    "Markdown, under a description of the machine")
     a = p.parse_args()
     cpu, sections, a.native_bf16 = a.device == "cpu", a.sections.split(","), acts.native_bf16(a.device)
+    a.d_model = acts.model_dims(a.model)[1]
     a.dtypes = (["fp32", "bf16"] if a.native_bf16 else ["fp32"]) if a.dtypes == "auto" else a.dtypes.split(",")
     if a.dtypes not in (["fp32"], ["fp32", "bf16"]):
         p.error("--dtypes: fp32, fp32,bf16 or auto")

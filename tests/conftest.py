@@ -47,6 +47,11 @@ def trained_run(tmp_path_factory):
     return out, res
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): the tests of a group run in one worker "
+                            "under pytest -n N --dist loadgroup (they share a costly fixture)")
+
+
 def pytest_collection_modifyitems(items):
     """A hung test fails after half an hour (with pytest-timeout, from requirements.txt) instead of
     holding the suite; even the slowest test here takes a few minutes on a busy 2-core machine."""

@@ -134,6 +134,7 @@ def test_explained_variance_matches_a_hand_computation(tiny_model, tiny_model_pa
     assert abs(r["explained_variance"] - r["explained_variance_typical"]) > 1e-3
 
 
+@pytest.mark.xdist_group("embedded_run")
 def test_trained_sae_beats_a_random_one_downstream(trained_run):
     """On the embedded model: zero-ablation > SAE > clean loss, and a random SAE of the same
     shape is far worse than a trained one. Also exercises --eval-only and eval.json."""

@@ -275,7 +275,7 @@ def test_a_killed_write_and_a_cut_short_checkpoint_resume_from_the_last_good_one
     only = tmp_path / "only"
     os.makedirs(only / "checkpoints")
     (only / "checkpoints" / "step_000000003.pt.4242.tmp").write_bytes(bytes(100))
-    assert train.check_run_folder(train.Config(exp_result_path=str(only)), 0, 1) is None
+    assert train.check_run_folder([train.Config(exp_result_path=str(only))], 0, 1) is None
     assert os.listdir(only / "checkpoints") == []
 
 

@@ -90,7 +90,9 @@ def interrupted_run(tmp_path_factory):
     (["--dataset", "nobody/no-such-dataset"], "dataset 'nobody/no-such-dataset' cannot be read"),
 ])
 def test_bad_input_fails_fast_with_one_line(args, message, interrupted_run):
-    r = run_train(*args, "--exp-result-path", interrupted_run, timeout=60)
+    # (offline: a name the hub lacks is refused at once, not after the hub's retries)
+    r = run_train(*args, "--exp-result-path", interrupted_run, timeout=120,
+                  env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert r.returncode == 2
     assert message in r.stderr
     assert "Loading weights" not in r.stderr and "Traceback" not in r.stderr
@@ -189,6 +191,7 @@ def test_config_file_and_flags(tmp_path):
         train.parse_args(["--config", str(tmp_path / "bad.json")])[0]
 
 
+@pytest.mark.xdist_group("embedded_run")    # one worker trains it, for both tests
 def test_short_real_run_on_the_embedded_model(trained_run):
     """A real run on SmolLM2 and the bundled Austen text: the loss goes down, the saved folder
     loads back, and held-out metrics are written."""
