@@ -987,6 +987,7 @@ class Member:
     since_fired: torch.Tensor | None = None     # (d_sae,) tokens since each latent last fired
     window: acts.Stats | None = None            # the sums of the current log window
     first_loss: float | None = None             # its first window's loss: what divergence is judged by
+    bad_windows: int = 0                        # log windows in a row past the divergence bounds
 
 
 def member_folders(cfgs: list[Config]) -> list[str]:
@@ -1136,14 +1137,18 @@ def log_window(m: Member, step: int, k: int, lr: float, outliers: int, dead_toke
                bar, wandb_run, world: int):
     """The end of a log window (every rank: the sums are all-reduced): the status line, log.jsonl
     and W&B, then a new window. A loss grown 100x over the first window's, or an explained variance
-    below -1, is a diverging run: stopped like a nan one, before its weights are checkpointed."""
+    below -1, in three windows in a row, is a diverging run: stopped like a nan one, before its
+    weights are checkpointed."""
     r = m.window.read(rank_sum, world)
     r.update(step=step, tokens=step * m.cfg.batch_size, k=k, lr=lr, outliers_dropped=outliers,
              dead=(m.since_fired >= dead_tokens).float().mean().item(), tokens_per_s=r["n"] / seconds)
     log(r, bar, wandb_run, m.folder, m.name)
     m.window = acts.Stats(m.sae.d_out, m.sae.d_sae, m.since_fired.device)
+    # A batch that holds one of the LM's massive activations spikes a young run's loss and EV for a
+    # step or two, and the run recovers; a diverging run stays there. So it takes three windows in a row.
     m.first_loss = m.first_loss or r["loss"]
-    if r["explained_variance"] < -1 or r["loss"] > 100 * m.first_loss:
+    m.bad_windows = m.bad_windows + 1 if r["explained_variance"] < -1 or r["loss"] > 100 * m.first_loss else 0
+    if m.bad_windows == 3:
         raise FloatingPointError(f"{m.name + ': ' if m.name else ''}the run diverges at step {step} (loss "
                                  f"{r['loss']:.3g}, at first {m.first_loss:.3g}; explained variance "
                                  f"{r['explained_variance']:.3g}): lower --lr (checkpoints written before "
