@@ -152,11 +152,15 @@ def native_bf16(device: str) -> bool:
     return dev.type == "cpu" and any(getattr(torch.cpu, f, lambda: False)() for f in flags)
 
 
+def model_path(name: str) -> str:
+    """What HF loads for a model name: the embedded model's converted folder, else the name itself."""
+    return embedded_model_path() if name == EMBEDDED_MODEL else name
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     """A TransformerBridge in eval mode with no gradients: the embedded model or any HF name/path."""
     from transformer_lens.model_bridge import TransformerBridge
-    path = embedded_model_path() if name == EMBEDDED_MODEL else name
-    model = TransformerBridge.boot_transformers(path, device=device, dtype=DTYPES[dtype])
+    model = TransformerBridge.boot_transformers(model_path(name), device=device, dtype=DTYPES[dtype])
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

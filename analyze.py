@@ -348,8 +348,7 @@ def main(cfg: Config) -> str:
     """Analyse cfg.sae; returns the folder written."""
     p = plan(cfg)                                             # every check that needs no LM
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(acts.embedded_model_path() if p["model"] == acts.EMBEDDED_MODEL
-                                              else p["model"])
+    tokenizer = AutoTokenizer.from_pretrained(acts.model_path(p["model"]))
     contexts = read_contexts(tokenizer, p)
     model, sae = acts.load_model(p["model"], p["dtype"], p["device"]), p["sae"].to(p["device"])
     if (d_in := acts.hook_dims(model, [p["hook"]])[0]) != sae.d_in:

@@ -369,8 +369,8 @@ def bench_lm(a, out: Report) -> tuple[dict, dict]:
         contexts = acts.iter_contexts(lambda: acts.iter_texts(acts.EMBEDDED_DATASET), bridge.tokenizer, CONTEXT)
         batch = [next(contexts) for _ in range(n)]      # tokenized once: both time the forward only
         drop = acts.special_token_ids(bridge.tokenizer)
-        path = acts.embedded_model_path() if a.model == acts.EMBEDDED_MODEL else a.model
-        raw = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=acts.DTYPES[dtype]).to(a.device).eval()
+        raw = transformers.AutoModelForCausalLM.from_pretrained(acts.model_path(a.model),
+                                                                dtype=acts.DTYPES[dtype]).to(a.device).eval()
         raw.model.layers = raw.model.layers[:acts.hook_layer(a.hook) + 1]    # as stop_at_layer
         tokens_BT = torch.stack([c for _, c in batch]).to(a.device)
 

@@ -1202,6 +1202,7 @@ def train_loop(cfg: Config, members: list[Member], step: int, batches, model, dr
     for m in members:
         m.window = acts.Stats(m.sae.d_out, m.sae.d_sae, device)
     stop, fetching, position = threading.Event(), threading.Event(), None
+    resume = f"checkpoint written, resume with --resume {cfg.exp_result_path}"
     t0 = saved_at = time.time()
     with progress_bar(total_steps * cfg.batch_size, step * cfg.batch_size, rank) as bar, caught_signals(stop, fetching):
         while step < total_steps:
@@ -1212,11 +1213,9 @@ def train_loop(cfg: Config, members: list[Member], step: int, batches, model, dr
                 fetching.clear()    # (a signal before this line drops the batch just fetched)
                 rows, position = got
             except KeyboardInterrupt:   # the checkpoint: the steps done, at the last batch's position
-                fetching.clear()
                 if position is not None:
                     write_checkpoint(cfg, members, step, position, wandb_run, rank, world)
-                print0(f"stopped by a signal at step {step}; " + (f"checkpoint written, resume with --resume "
-                       f"{cfg.exp_result_path}" if position is not None else "no step was done"))
+                print0(f"stopped by a signal at step {step}; {resume if position is not None else 'no step was done'}")
                 break
             except ValueError as e:  # bad data (a broken line deep in a .jsonl): keep the steps done
                 if world > 1 or position is None:   # (under torchrun the other ranks wait in a collective)
@@ -1252,8 +1251,7 @@ def train_loop(cfg: Config, members: list[Member], step: int, batches, model, dr
                 saved_at = time.time()
                 write_checkpoint(cfg, members, step, position, wandb_run, rank, world)
                 if stop_now:
-                    print0(f"stopped by a signal at step {step}; checkpoint written, resume with "
-                           f"--resume {cfg.exp_result_path}")
+                    print0(f"stopped by a signal at step {step}; {resume}")
                     break
     return step
 

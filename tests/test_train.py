@@ -267,7 +267,6 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_checkpoints(tiny_mode
     assert all(torch.isfinite(v).all() for v in ckpt["saes"][0]["sae"].values())
 
 
-
 def test_a_run_that_stays_broken_stops_but_a_spike_does_not_stop_it(tiny_model_path, tmp_path, monkeypatch):
     c = cfg(model=tiny_model_path, model_dtype="float32", device="cpu", hook_point_in="blocks.1.hook_resid_post",
             context_size=64, eval_tokens=1024, model_batch_contexts=4, top_k=8, batch_size=256,
@@ -287,6 +286,7 @@ def test_a_run_that_stays_broken_stops_but_a_spike_does_not_stop_it(tiny_model_p
     monkeypatch.setattr(acts.Stats, "read", spiky)
     res = train.main(dataclasses.replace(c, lr=5e-4, exp_result_path=str(tmp_path / "ok")))
     assert res["l0"] == 8 and len(n) >= 8            # (the evaluation reads Stats too)
+
 
 def test_a_signal_during_a_buffer_refill_checkpoints_the_steps_done_without_finishing_it(
         tiny_model_path, tmp_path, monkeypatch):
