@@ -53,10 +53,16 @@ speed: no one should train that way, and timing it would take most of the bench'
            from the LM, against the same eight trained by eight single runs of the same tokens, each
            a process of its own, timed whole (start, LM load, training, evaluation): the sweep runs
            the LM once, the SAE steps eight times. --quick: two SAEs (k = 16, 32, topk).
+7. quality nanoSAE's topk and batchtopk at train.py's defaults against PlainTopK, the textbook TopK
+           SAE, on identical activations: 400k tokens of --hook cached once from five of the six
+           bundled novels, two passes in the same batch order, SAEs in fp32; held-out explained
+           variance (all tokens, and typical ones), L0, dead latents and CE loss recovered on the
+           sixth novel, which no run saw. The comparison the defaults are chosen by (README).
 """
 import argparse
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -71,9 +77,10 @@ import time
 import torch
 import torch.nn.functional as F
 import transformers
+from tqdm import tqdm
 
 import activations as acts
-from sae import SAE, TANH_C, PlainJumpReLU, keep_freed_memory
+from sae import SAE, TANH_C, Code, PlainJumpReLU, keep_freed_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HOOK = "blocks.15.hook_resid_post"
@@ -139,7 +146,7 @@ def machine(a) -> list[str]:
               f"Python {platform.python_version()}, {platform.system()} {platform.release()}",
               f"date: {datetime.datetime.now().astimezone().isoformat(timespec='minutes')}",
               f"command: {shlex.join(['python', *sys.argv])}",
-              f"LM of sections 3-6: {a.model}, at {a.hook}",
+              f"LM of sections 3-7: {a.model}, at {a.hook}",
               f"code: {code_version()}",
               # other processes on the machine skew every figure: the load average says how busy it was
               f"load average at the start: {os.getloadavg()[0]:.1f}",
@@ -273,11 +280,15 @@ def sae_step(a, act_fn: str, m: int, x, autocast):
 
 def dense_step(a, act_fn: str, m: int, x, autocast):
     """A plain dense SAE step, written the straightforward way (a dense (B, m) code decoded with a
-    dense matmul, plain autograd, torch's default Adam). "topk": the textbook TopK SAE, the
+    dense matmul, plain autograd, torch's default Adam). "topk": PlainTopK, the textbook TopK SAE, the
     reference of every row (the code scattered into a zero (B, m) matrix, m*d per token where
     nanoSAE's sparse decode, an embedding_bag, costs k*d). "relu" and "jumprelu": the same
     act_fn and penalty as nanoSAE's step (l1 on f * n; JumpReLU of the contributions c = h * n
     with sae.PlainJumpReLU's straight-through estimator, and tanh), its like-for-like reference."""
+    if act_fn == "topk":
+        ref = PlainTopK(a.d, m, a.k, device=a.device)
+        params = list(ref.parameters())
+        return adam_step(params, lambda: ref.loss(x), autocast, torch.optim.Adam(params, lr=1e-4))
     W_enc = (torch.randn(m, a.d, device=a.device) / a.d ** 0.5).requires_grad_()     # (m, d)
     W_dec = W_enc.detach().clone().requires_grad_()                                 # (m, d)
     b_enc, b_dec = (torch.zeros(n, device=a.device, requires_grad=True) for n in (m, a.d))
@@ -286,10 +297,7 @@ def dense_step(a, act_fn: str, m: int, x, autocast):
 
     def loss_fn():
         h_BM = x @ W_enc.T + b_enc
-        if act_fn == "topk":
-            vals, idx = F.relu(h_BM).topk(a.k, dim=-1)
-            f_BM = torch.zeros_like(h_BM).scatter(-1, idx, vals)
-        elif act_fn == "relu":
+        if act_fn == "relu":
             f_BM = F.relu(h_BM)
             a_BM = f_BM * W_dec.norm(dim=1)                            # the contributions
         else:
@@ -297,8 +305,7 @@ def dense_step(a, act_fn: str, m: int, x, autocast):
             a_BM = PlainJumpReLU.apply(h_BM * n_M, log_theta.exp(), 0.1)
             f_BM = a_BM / n_M
         loss = (f_BM @ W_dec + b_dec - x).float().pow(2).sum(-1).mean()
-        if act_fn != "topk":
-            loss = loss + 5e-3 * (a_BM if act_fn == "relu" else torch.tanh(TANH_C * a_BM)).sum(-1).mean()
+        loss = loss + 5e-3 * (a_BM if act_fn == "relu" else torch.tanh(TANH_C * a_BM)).sum(-1).mean()
         return loss
     return adam_step(params, loss_fn, autocast, torch.optim.Adam(params, lr=1e-4))
 
@@ -512,14 +519,128 @@ def bench_sweep(a, out: Report) -> float:
     return sweep / sum(single)
 
 
+# --- 7. quality: nanoSAE against a plain TopK SAE on identical activations ---------------------------
+
+
+class PlainTopK(torch.nn.Module):
+    """The textbook TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): the
+    baseline of section 7, and section 2's dense reference step. h = relu((x - b_dec) W_enc^T + b_enc),
+    each token keeps its k largest h in a dense (B, m) code, x_hat = f W_dec + b_dec; decoder rows
+    start at norm init_norm with W_enc = W_dec and are left free; the loss is the MSE alone (no AuxK).
+    It trains on x * scale; forward() takes raw activations and returns (x_hat, sae.Code), as
+    acts.evaluate calls an SAE."""
+
+    def __init__(self, d: int, m: int, k: int, seed: int = 0, init_norm: float = 0.5, device="cpu"):
+        super().__init__()
+        W_MD = torch.randn(m, d, generator=torch.Generator(device).manual_seed(seed), device=device)
+        W_MD *= init_norm / W_MD.norm(dim=1, keepdim=True)
+        self.W_enc, self.W_dec = torch.nn.Parameter(W_MD.clone()), torch.nn.Parameter(W_MD)
+        self.b_enc, self.b_dec = (torch.nn.Parameter(torch.zeros(n, device=device)) for n in (m, d))
+        self.k, self.d_in, self.d_out, self.d_sae, self.scale = k, d, d, m, 1.0
+
+    def code(self, x_BD: torch.Tensor) -> torch.Tensor:
+        h_BM = F.relu((x_BD - self.b_dec) @ self.W_enc.T + self.b_enc)
+        vals, idx = h_BM.topk(self.k, dim=-1)
+        return torch.zeros_like(h_BM).scatter(-1, idx, vals)
+
+    def loss(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return (self.code(x_BD) @ self.W_dec + self.b_dec - x_BD).float().pow(2).sum(-1).mean()
+
+    def forward(self, x_BD: torch.Tensor):
+        f_BM = self.code(x_BD * self.scale)
+        x_hat = (f_BM @ self.W_dec + self.b_dec) / self.scale
+        return x_hat, Code(f_BM, None, None, None, f_BM, self.W_dec.norm(dim=1), pre_is_c=False)
+
+
+def train_plain_topk(cache: str, k: int, tokens: int, batch: int = 1024, buffer: int = 16_384,
+                     perm_seed: int = 42, expansion: int = 8, lr: float = 1e-3, warmup: int = 50,
+                     decay: float = 0.2, end_ratio: float = 1 / 32, seed: int = 0) -> PlainTopK:
+    """PlainTopK trained on a cache that train.py --cache-activations wrote, on the batches a
+    train.py run from it sees (its reader and mixing buffer, the same seeds), the textbook way: x
+    scaled so that the first batch's mean ||x|| = sqrt(d), b_dec at that batch's mean, Adam at lr
+    with `warmup` steps of linear warmup and a linear decay over the last `decay` of the run to
+    lr * end_ratio."""
+    with open(os.path.join(cache, "manifest.json")) as f:
+        manifest = json.load(f)
+    chunks = ((rows, None) for _, rows in acts.iter_cache(cache, manifest, perm_seed))
+    batches = (rows.float() for rows, _ in acts.mix(chunks, buffer, batch, perm_seed))
+    x0 = next(batches)
+    d, steps = x0.shape[1], tokens // batch
+    ref = PlainTopK(d, expansion * d, k, seed)
+    ref.scale = d ** 0.5 / x0.norm(dim=1).mean().item()
+    with torch.no_grad():
+        ref.b_dec.copy_(x0.mean(0) * ref.scale)
+    opt = torch.optim.Adam(ref.parameters(), lr=lr)
+    start = steps - int(decay * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 1.0, 1 - (1 - end_ratio) *
+                                                                 max(s - start, 0) / max(steps - start, 1)))
+    for x in tqdm(itertools.islice(itertools.chain([x0], batches), steps), total=steps, unit="step",
+                  desc=f"plain topk k={k}", file=sys.stderr, leave=False):
+        loss = ref.loss(x * ref.scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return ref.eval()
+
+
+QUALITY_EVAL = "persuasion.txt.gz"      # the novel that section 7 holds out of training
+
+
+def bench_quality(a, out: Report) -> dict:
+    """nanoSAE's topk and batchtopk at its defaults against PlainTopK on identical activations: a
+    cache of a.quality_tokens of the bundled novels but one, written once by train.py; two passes
+    over it (nanoSAE in one train.py sweep process, PlainTopK here, on the same batches); all
+    evaluated on the first a.eval_tokens_quality of the novel no run saw, with the same contexts
+    and metrics (train.py's eval.json; acts.evaluate here). Returns {(name, k): result}."""
+    t0, ks, results = time.perf_counter(), a.quality_ks, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        text = acts.local_folder(acts.EMBEDDED_DATASET)
+        for part in ("train", "eval"):
+            os.makedirs(os.path.join(tmp, part))
+        for name in sorted(os.listdir(text)):
+            os.symlink(os.path.join(text, name), os.path.join(tmp, "eval" if name == QUALITY_EVAL else "train", name))
+        data = ["--model", a.model, "--hook-point-in", a.hook, "--dataset", os.path.join(tmp, "train"),
+                "--eval-dataset", os.path.join(tmp, "eval"), "--eval-tokens", str(a.quality_eval_tokens),
+                "--model-dtype", "float32", "--device", a.device, *a.quality_flags]
+        cache = os.path.join(tmp, "cache")
+        train_py(data + ["--cache-activations", cache, "--total-training-tokens", str(a.quality_tokens)])
+        train_py(data + ["--activations", cache, "--total-training-tokens", str(2 * a.quality_tokens),
+                         "--amp-dtype", "float32", "--exp-result-path", os.path.join(tmp, "nanosae"),
+                         "--act-fn", "topk", "batchtopk", "--top-k", *map(str, ks)])
+        with open(os.path.join(tmp, "nanosae", "sweep.json")) as f:
+            for r in json.load(f)["saes"]:
+                results[r["act_fn"], r["top_k"]] = r
+        flags = dict(zip(a.quality_flags[::2], a.quality_flags[1::2]))
+        refs = [train_plain_topk(cache, k, 2 * a.quality_tokens, int(flags.get("--batch-size", 1024)),
+                                 int(flags.get("--buffer-size", 16_384))) for k in ks]
+        model = acts.load_model(a.model, "float32", a.device)
+        contexts = [c for _, c in acts.iter_contexts(lambda: acts.iter_texts(os.path.join(tmp, "eval")), model.tokenizer,
+                                                     CONTEXT, held_out=a.quality_eval_tokens // CONTEXT, eval=True)]
+        for k, r in zip(ks, acts.evaluate([ref.to(a.device) for ref in refs], model, contexts, a.hook, a.hook,
+                                          acts.special_token_ids(model.tokenizer))):
+            results["plain topk", k] = r
+    out.say(f"{a.quality_tokens:,} tokens of {a.hook} cached in fp32 from the bundled novels but "
+            f"{QUALITY_EVAL.split('.')[0].title()}, two passes (batch {flags.get('--batch-size', 1024)}), "
+            f"SAEs in fp32, 8x; evaluated on the first {a.quality_eval_tokens:,} tokens of "
+            f"{QUALITY_EVAL.split('.')[0].title()}, which no run saw; {time.perf_counter() - t0:.0f} s wall")
+    out.say("nanoSAE: train.py's defaults. plain topk: PlainTopK, the textbook recipe (lr 1e-3, rows at norm "
+            "0.5, no AuxK). EV typical: tokens with ||x|| <= 10x the batch median (no massive activations)")
+    out.table(["SAE", "k", "EV", "EV typical", "L0", "dead", "CE recovered"],
+              [[name, k, f"{r['explained_variance']:.4f}", f"{r['explained_variance_typical']:.4f}",
+                f"{r['l0']:.1f}", f"{r['dead']:.3f}", f"{r['ce_loss_recovered']:.4f}"]
+               for k in ks for name in ("topk", "batchtopk", "plain topk") for r in [results[name, k]]])
+    return results
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats: a fast check")
-    p.add_argument("--sections", default="matmul,sae,lm,train,analyze,sweep", help="a comma-separated subset")
-    p.add_argument("--model", default=acts.EMBEDDED_MODEL, help="the LM of sections 3-6 (a tiny one makes "
+    p.add_argument("--sections", default="matmul,sae,lm,train,analyze,sweep,quality", help="a comma-separated subset")
+    p.add_argument("--model", default=acts.EMBEDDED_MODEL, help="the LM of sections 3-7 (a tiny one makes "
                    "--quick a check of the code in seconds, not of the speed)")
-    p.add_argument("--hook", default=HOOK, help="the hook point of sections 3-6")
+    p.add_argument("--hook", default=HOOK, help="the hook point of sections 3-7")
     p.add_argument("--dtypes", default="auto", help="fp32 or fp32,bf16; auto: fp32, and bf16 where the "
                    "device computes it natively")
     p.add_argument("--markdown", metavar="FILE", help="also write the tables and the summary to FILE as "
@@ -544,6 +665,10 @@ def main():
     # Held-out tokens of each run's evaluation (the --eval-only one is timed): 1 LM batch (quick),
     # 2 on CPU (16 contexts of 128 tokens each), 4 on a GPU.
     a.eval_tokens = 512 if a.quick else 4096 if cpu else 32_768
+    # Quality (section 7): tokens cached (each trained on twice), held-out tokens, k, and train.py's flags.
+    a.quality_tokens, a.quality_eval_tokens, a.quality_ks, a.quality_flags = (
+        (8192, 512, (16,), ["--batch-size", "256", "--buffer-size", "1024", "--model-batch-contexts", "2"])
+        if a.quick else (400_000, 32_768, (16, 64), []))
     transformers.utils.logging.disable_progress_bar()        # no "Loading weights" bars
     if cpu:     # freed (B, m) tensors stay in the heap, as in train.py at large batches on CPU:
         keep_freed_memory()                     # for every step timed, the references too
@@ -599,6 +724,12 @@ def main():
     if "sweep" in sections:
         out.section("6. a sweep of SAEs against single runs")
         summary.append(f"sweep/single runs, wall time of the same SAEs: {bench_sweep(a, out):.2f}x")
+    if "quality" in sections:
+        out.section("7. quality: nanoSAE against a plain TopK SAE on identical activations")
+        r = bench_quality(a, out)
+        summary.append("held-out EV typical, nanoSAE - plain topk: " + ", ".join(
+            f"{f} k={k} {r[f, k]['explained_variance_typical'] - r['plain topk', k]['explained_variance_typical']:+.4f}"
+            for k in a.quality_ks for f in ("topk", "batchtopk")))
     out.summary(summary)
     out.say(f"total wall time {time.perf_counter() - t0:.0f} s")
     if a.markdown:

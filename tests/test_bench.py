@@ -48,6 +48,13 @@ def test_bench_quick_runs_every_section_and_writes_markdown(tmp_path, tiny_model
     assert re.search(r"streaming reaches \d+% of 1 / \(1/LM \+ 1/cached\)", summary), summary
     assert re.search(r"analyze.py: analysis/LM forward of the same tokens \d+\.\d+x", summary), summary
     assert re.search(r"sweep/single runs, wall time of the same SAEs: \d+\.\d+x", summary), summary
+    assert re.search(r"held-out EV typical, nanoSAE - plain topk: topk k=16 [+-]\d\.\d{4}, batchtopk k=16 "
+                     r"[+-]\d\.\d{4}$", summary, re.M), summary
+    # section 7's SAEs learned on the tiny model's activations: a fresh one (b_dec at the mean,
+    # random rows) explains about none of the variance
+    quality = dict((name, float(ev)) for name, ev in re.findall(r"^ *(topk|batchtopk|plain topk) +16 +(-?\d\.\d+) ",
+                                                                 r.stdout, re.M))
+    assert set(quality) == {"topk", "batchtopk", "plain topk"} and min(quality.values()) > 0.3, r.stdout[-3000:]
 
     # The Markdown file: the machine first, then every section's table and the same summary.
     text = md.read_text()
@@ -55,12 +62,13 @@ def test_bench_quick_runs_every_section_and_writes_markdown(tmp_path, tiny_model
     assert header.startswith("# nanoSAE benchmarks\n")
     for item in ("- CPU: ", "- CPU native bf16: ", "torch CPU capability ", "- GPU: ", "; torch ", "- date: ",
                  "- command: python bench.py --quick --markdown ", "- load average at the start: ",
-                 "- dtypes timed: ", "- LM of sections 3-6: "):
+                 "- dtypes timed: ", "- LM of sections 3-7: "):
         assert item in header, (item, header)
     for title, columns in (("1. matmul roofline", "| shape | fp32 GFLOP/s |"),
                            ("2. SAE training step", "| step | expansion | dtype | L0 | tokens/s |"),
                            ("3. activation generation", "| dtype | bridge tokens/s | raw HF tokens/s |"),
-                           ("4. end-to-end train.py", "| process | tokens/s | process wall s |")):
+                           ("4. end-to-end train.py", "| process | tokens/s | process wall s |"),
+                           ("7. quality", "| SAE | k | EV | EV typical | L0 | dead | CE recovered |")):
         section = body.split(title, 1)[1].split("\n## ", 1)[0]
         assert columns in section and "|---|---:|" in section, (title, section)
         assert re.search(r"^\| .+ \| [\d,.]+x? \|", section, re.M), (title, section)      # rows of figures
