@@ -157,12 +157,12 @@ class Config:
     """seed of the mixing buffer's shuffles (rank r uses perm_seed + r)."""
     generator_device: str | None = None
     """device of the shuffling generator; unset = the training device."""
-    lr: float = 5e-4
-    """Adam learning rate (5e-4: with the massive-activation tokens kept, 1e-3 trains spikier)."""
+    lr: float = 1e-3
+    """Adam learning rate."""
     lr_warmup_steps: float = 0.01
     """linear lr warmup (int steps, or a fraction of the run)."""
-    lr_decay_steps: float = 0.2
-    """linear decay at the end of the run to lr * lr_end_ratio."""
+    lr_decay_steps: float = 0.5
+    """linear decay at the end of the run to lr * lr_end_ratio (int steps, or a fraction of the run)."""
     lr_end_ratio: float = 1 / 32
     """final lr / lr."""
     seed: int = 0

@@ -41,9 +41,9 @@ def trained_run(tmp_path_factory):
     res = train.main(train.Config(total_training_tokens=49_152, batch_size=1024, buffer_size=8192,
                                   log_frequency=8, exp_result_path=str(out), eval_tokens=4096,
                                   hook_point_in="blocks.5.hook_resid_post", act_fn="batchtopk",
-                                  # 48 steps: without the massive-activation tokens and at a
-                                  # higher lr, so that so short a run is already a useful SAE
-                                  max_norm_ratio=10.0, lr=1e-3))
+                                  # 48 steps: without the massive-activation tokens and with a
+                                  # short lr decay, so that so short a run is already a useful SAE
+                                  max_norm_ratio=10.0, lr_decay_steps=0.2))
     return out, res
 
 
