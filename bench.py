@@ -591,7 +591,7 @@ def bench_quality(a, out: Report) -> dict:
     """nanoSAE's topk and batchtopk at its defaults against PlainTopK on identical activations: a
     cache of a.quality_tokens of the bundled novels but one, written once by train.py; two passes
     over it (nanoSAE in one train.py sweep process, PlainTopK here, on the same batches); all
-    evaluated on the first a.eval_tokens_quality of the novel no run saw, with the same contexts
+    evaluated on the first a.quality_eval_tokens of the novel no run saw, with the same contexts
     and metrics (train.py's eval.json; acts.evaluate here). Returns {(name, k): result}."""
     t0, ks, results = time.perf_counter(), a.quality_ks, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -602,7 +602,8 @@ def bench_quality(a, out: Report) -> dict:
             os.symlink(os.path.join(text, name), os.path.join(tmp, "eval" if name == QUALITY_EVAL else "train", name))
         data = ["--model", a.model, "--hook-point-in", a.hook, "--dataset", os.path.join(tmp, "train"),
                 "--eval-dataset", os.path.join(tmp, "eval"), "--eval-tokens", str(a.quality_eval_tokens),
-                "--model-dtype", "float32", "--device", a.device, *a.quality_flags]
+                "--model-dtype", "float32", "--device", a.device, "--model-batch-contexts", str(a.lm_contexts),
+                "--batch-size", str(a.quality_batch), "--buffer-size", str(a.quality_buffer)]
         cache = os.path.join(tmp, "cache")
         train_py(data + ["--cache-activations", cache, "--total-training-tokens", str(a.quality_tokens)])
         train_py(data + ["--activations", cache, "--total-training-tokens", str(2 * a.quality_tokens),
@@ -611,9 +612,7 @@ def bench_quality(a, out: Report) -> dict:
         with open(os.path.join(tmp, "nanosae", "sweep.json")) as f:
             for r in json.load(f)["saes"]:
                 results[r["act_fn"], r["top_k"]] = r
-        flags = dict(zip(a.quality_flags[::2], a.quality_flags[1::2]))
-        refs = [train_plain_topk(cache, k, 2 * a.quality_tokens, int(flags.get("--batch-size", 1024)),
-                                 int(flags.get("--buffer-size", 16_384))) for k in ks]
+        refs = [train_plain_topk(cache, k, 2 * a.quality_tokens, a.quality_batch, a.quality_buffer) for k in ks]
         model = acts.load_model(a.model, "float32", a.device)
         contexts = [c for _, c in acts.iter_contexts(lambda: acts.iter_texts(os.path.join(tmp, "eval")), model.tokenizer,
                                                      CONTEXT, held_out=a.quality_eval_tokens // CONTEXT, eval=True)]
@@ -621,7 +620,7 @@ def bench_quality(a, out: Report) -> dict:
                                           acts.special_token_ids(model.tokenizer))):
             results["plain topk", k] = r
     out.say(f"{a.quality_tokens:,} tokens of {a.hook} cached in fp32 from the bundled novels but "
-            f"{QUALITY_EVAL.split('.')[0].title()}, two passes (batch {flags.get('--batch-size', 1024)}), "
+            f"{QUALITY_EVAL.split('.')[0].title()}, two passes (batch {a.quality_batch}), "
             f"SAEs in fp32, 8x; evaluated on the first {a.quality_eval_tokens:,} tokens of "
             f"{QUALITY_EVAL.split('.')[0].title()}, which no run saw; {time.perf_counter() - t0:.0f} s wall")
     out.say("nanoSAE: train.py's defaults. plain topk: PlainTopK, the textbook recipe (lr 1e-3, rows at norm "
@@ -665,10 +664,10 @@ def main():
     # Held-out tokens of each run's evaluation (the --eval-only one is timed): 1 LM batch (quick),
     # 2 on CPU (16 contexts of 128 tokens each), 4 on a GPU.
     a.eval_tokens = 512 if a.quick else 4096 if cpu else 32_768
-    # Quality (section 7): tokens cached (each trained on twice), held-out tokens, k, and train.py's flags.
-    a.quality_tokens, a.quality_eval_tokens, a.quality_ks, a.quality_flags = (
-        (8192, 512, (16,), ["--batch-size", "256", "--buffer-size", "1024", "--model-batch-contexts", "2"])
-        if a.quick else (400_000, 32_768, (16, 64), []))
+    # Quality (section 7): tokens cached (each trained on twice), held-out tokens, k, batch and buffer
+    # (train.py's defaults but for --quick, where the LM forwards take a.lm_contexts contexts too).
+    a.quality_tokens, a.quality_eval_tokens, a.quality_ks, a.quality_batch, a.quality_buffer = (
+        (8192, 512, (16,), 256, 1024) if a.quick else (400_000, 32_768, (16, 64), 1024, 16_384))
     transformers.utils.logging.disable_progress_bar()        # no "Loading weights" bars
     if cpu:     # freed (B, m) tensors stay in the heap, as in train.py at large batches on CPU:
         keep_freed_memory()                     # for every step timed, the references too
