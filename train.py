@@ -1270,22 +1270,16 @@ def save_and_evaluate(cfg: Config, members: list[Member], step: int, model, drop
     """Rank 0: save each SAE with the normalization folded in (a BatchTopK one also converted to
     JumpReLU, in jumprelu/ beside it), then evaluate them on held-out text and write each eval.json;
     a sweep also writes its summary. Returns the results (a sweep's: by SAE name)."""
-    code, saes = code_version(), []
-    for m in members:
-        extra = {"train": {**run_config(m.cfg), "exp_result_path": m.folder}, "code": code,
-                 "norm_scale_in": m.s_in, "norm_scale_out": m.s_out}
-        saes.append([folded(m.sae, m.s_in, m.s_out)])
-        saes[-1][0].save(m.folder, extra)
-        converted = os.path.join(m.folder, "jumprelu")
-        if m.cfg.act_fn == "batchtopk":
-            saes[-1].append(folded(m.sae, m.s_in, m.s_out).to_jumprelu_())
-            saes[-1][1].save(converted, extra)
-        elif os.path.exists(os.path.join(converted, "sae.safetensors")):   # an earlier run's, in this folder
-            shutil.rmtree(converted)
-    # Stopped from here on (Ctrl-C, or a scheduler's SIGTERM, which would kill silently), the run says
-    # that its SAEs are saved and how to evaluate them.
+    # A signal from the first save on (Ctrl-C, or a scheduler's SIGTERM, which would kill silently)
+    # lets the save that is under way end, then stops the run with word that its SAEs are saved.
+    code, saes, stop, saved = code_version(), [], threading.Event(), threading.Event()
     try:
-        with caught_signals():
+        with caught_signals(stop, abandon=saved):
+            for m in members:
+                save_member(m, code, saes)
+            saved.set()
+            if stop.is_set():       # a signal that came while saving
+                raise KeyboardInterrupt
             if model is None:   # trained from a cache: the LM is needed only now, once the SAEs are saved
                 model, drop_ids = load_lm(cfg, device)
             results = evaluate_members(members, saes, model, drop_ids, device)
@@ -1305,6 +1299,21 @@ def save_and_evaluate(cfg: Config, members: list[Member], step: int, model, drop
     if wandb_run:
         wandb_run.finish()
     return out if len(members) > 1 else out[""]
+
+
+def save_member(m: Member, code: dict, saes: list[list[SAE]]):
+    """One SAE saved with the normalization folded in (a BatchTopK one also converted to JumpReLU,
+    in jumprelu/ beside it); its raw-space SAEs are appended to `saes` for the evaluation."""
+    extra = {"train": {**run_config(m.cfg), "exp_result_path": m.folder}, "code": code,
+             "norm_scale_in": m.s_in, "norm_scale_out": m.s_out}
+    saes.append([folded(m.sae, m.s_in, m.s_out)])
+    saes[-1][0].save(m.folder, extra)
+    converted = os.path.join(m.folder, "jumprelu")
+    if m.cfg.act_fn == "batchtopk":
+        saes[-1].append(folded(m.sae, m.s_in, m.s_out).to_jumprelu_())
+        saes[-1][1].save(converted, extra)
+    elif os.path.exists(os.path.join(converted, "sae.safetensors")):   # an earlier run's, in this folder
+        shutil.rmtree(converted)
 
 
 SUMMARY = ("explained_variance", "explained_variance_typical", "l0", "dead", "ultra_rare",
