@@ -165,6 +165,9 @@ class Config:
     """linear decay at the end of the run to lr * lr_end_ratio (int steps, or a fraction of the run)."""
     lr_end_ratio: float = 1 / 32
     """final lr / lr."""
+    grad_clip_ratio: float | None = None
+    """cap each step's gradient norm at this x its running geometric mean (0 = off); unset = 3 for
+    batchtopk, off otherwise (see clip_gradients_)."""
     seed: int = 0
     """seed of the SAE's initialization."""
     device: str | None = None
@@ -212,6 +215,8 @@ class Config:
         if self.eval_tokens < self.context_size:
             raise ValueError(f"--eval-tokens ({self.eval_tokens}) must hold at least one context "
                              f"(--context-size {self.context_size})")
+        if self.grad_clip_ratio is not None and 0 < self.grad_clip_ratio <= 1:
+            raise ValueError(f"--grad-clip-ratio must be 0 (off) or above 1, got {self.grad_clip_ratio}")
         if self.initial_k is not None and self.initial_k < self.top_k:
             raise ValueError(f"--initial-k ({self.initial_k}) must be >= --top-k ({self.top_k}): "
                              f"the schedule anneals k down to top_k")
@@ -801,7 +806,8 @@ def _check_compatible(saved: dict, cfg: Config):
             "ignore_token_ids", "max_norm_ratio", "hook_point_in", "hook_point_out", "act_fn",
             "expansion_factor", "top_k", "initial_k", "matryoshka_prefixes", "skip_connection",
             "k_warmup_steps", "k_cold_booting_steps", "k_schedule_type", "k_exponential_factor", "batch_size",
-            "total_training_tokens", "context_size", "buffer_size", "perm_seed", "dtype", "eval_tokens", "eval_dataset")
+            "total_training_tokens", "context_size", "buffer_size", "perm_seed", "dtype", "eval_tokens", "eval_dataset",
+            "grad_clip_ratio")
     saved = {k: saved.get(k, getattr(Config, k, None)) for k in keys}    # (a field added since: its default)
     diff = [f"{k}: checkpoint {saved[k]!r}, now {getattr(cfg, k)!r}" for k in keys if saved[k] != getattr(cfg, k)]
     if diff:
@@ -985,6 +991,7 @@ class Member:
     s_in: float = 1.0           # normalization: the SAE trains on x * s_in -> y * s_out
     s_out: float = 1.0
     since_fired: torch.Tensor | None = None     # (d_sae,) tokens since each latent last fired
+    log_grad_norm: torch.Tensor | None = None   # the running mean of log ||gradient|| (clip_gradients_)
     window: acts.Stats | None = None            # the sums of the current log window
     first_loss: float | None = None             # its first window's loss: what divergence is judged by
     bad_windows: int = 0                        # log windows in a row past the divergence bounds
@@ -1025,6 +1032,8 @@ def init_members(cfgs: list[Config], widths: dict[str, int], device: str, world:
             sae.load_state_dict(saved["sae"])
             opt.load_state_dict(saved["opt"])
             m.s_in, m.s_out, m.since_fired = saved["s_in"], saved["s_out"], saved["since_fired"].to(device)
+            if saved.get("log_grad_norm") is not None:
+                m.log_grad_norm = saved["log_grad_norm"].to(device)
         else:
             init_from_batch_(m, first[0], world)
         members.append(m)
@@ -1097,6 +1106,26 @@ def average_gradients_(sae: SAE, world: int):
             p.grad /= world
 
 
+@torch.no_grad()
+def clip_gradients_(m: Member, ratio: float):
+    """Adaptive gradient clipping (as AutoClip, Seetharaman et al. 2020, with a running mean for the
+    history): the gradient's norm is capped at `ratio` x the running geometric mean of the norms
+    before it, which follows the clipped norms (a mean over some 10 steps). Why: a batch that holds
+    one of the LM's massive activations (~100x the median norm) can give a gradient thousands of
+    times the usual one. Unclipped, it inflates Adam's second moments of every parameter it reached,
+    which then barely move for the rest of a run. TopK gives such a token k latents, and the loss
+    suffers little; BatchTopK gives it hundreds. Every rank clips the same, all-reduced, gradient."""
+    grads = [p.grad for p in m.sae.parameters() if p.grad is not None]
+    log_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).log()
+    if m.log_grad_norm is None:         # the first step: its own norm
+        m.log_grad_norm = log_norm
+    cap = m.log_grad_norm + math.log(ratio)
+    scale = (cap - log_norm).clamp(max=0).exp()
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    m.log_grad_norm = 0.9 * m.log_grad_norm + 0.1 * torch.minimum(log_norm, cap)
+
+
 def sync_state_(sae: SAE, fired_M: torch.Tensor, world: int):
     """State that is not a parameter, made identical on every rank explicitly: the firing counts
     that the dead-latent counters read, and BatchTopK's running threshold (each rank selects over
@@ -1124,6 +1153,9 @@ def train_step(m: Member, rows: torch.Tensor, step: int, total_steps: int, dead_
     m.opt.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients_(sae, world)
+    ratio = cfg.grad_clip_ratio if cfg.grad_clip_ratio is not None else 3.0 if cfg.act_fn == "batchtopk" else 0
+    if ratio:
+        clip_gradients_(m, ratio)
     m.opt.step()
     fired = code.fired(sae.d_sae)
     m.window.add(y.float(), y_hat.detach().float(), fired, {**terms, "loss": loss})
@@ -1166,7 +1198,7 @@ def write_checkpoint(cfg: Config, members: list[Member], step: int, position: di
         dist.gather_object(position, positions, dst=0)
     if rank == 0:
         saes = [dict(sae=m.sae.state_dict(), opt=m.opt.state_dict(), s_in=m.s_in, s_out=m.s_out,
-                     since_fired=m.since_fired.cpu()) for m in members]
+                     since_fired=m.since_fired.cpu(), log_grad_norm=None if m.log_grad_norm is None else m.log_grad_norm.cpu()) for m in members]
         save_checkpoint(os.path.join(cfg.exp_result_path, "checkpoints"), dict(
             step=step, saes=saes, configs=[run_config(m.cfg) for m in members], rng=torch.get_rng_state(),
             data=positions, wandb_id=wandb_run.id if wandb_run else None), cfg.keep_checkpoints)

@@ -2,6 +2,7 @@
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -177,6 +178,31 @@ def test_fused_adam_over_the_sae_param_groups_is_plain_adam(transcoder):
     for name, p in ref.named_parameters():
         torch.testing.assert_close(getattr(sae, name), p, atol=1e-6, rtol=1e-5, msg=name)
     assert not torch.equal(sae.log_threshold, ref.log_threshold.new_full((64,), __import__("math").log(0.05)))
+
+
+def test_gradient_clipping_caps_a_spike_at_the_ratio_of_the_running_mean():
+    """clip_gradients_: a step's gradient norm is capped at ratio x the running geometric mean of
+    the (clipped) norms before it; a norm below the cap passes unchanged; the first step sets the
+    mean."""
+    sae = SAE(8, 32, "batchtopk", 4)
+    m = train.Member(cfg(act_fn="batchtopk"), "", "", sae, None, (slice(0, 8), slice(0, 8)))
+    params = list(sae.parameters())
+
+    def step(norm):              # gradients of total norm `norm`, then clipped: their norm after
+        for p in params:
+            p.grad = torch.ones_like(p)
+        total = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))
+        for p in params:
+            p.grad *= norm / total
+        train.clip_gradients_(m, 3.0)
+        return torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])).item()
+
+    assert step(2.0) == pytest.approx(2.0) and m.log_grad_norm.item() == pytest.approx(math.log(2.0))
+    assert step(5.0) == pytest.approx(5.0)                              # below 3 x the mean: as is
+    mean = 0.9 * math.log(2.0) + 0.1 * math.log(5.0)
+    assert m.log_grad_norm.item() == pytest.approx(mean)
+    assert step(2000.0) == pytest.approx(3 * math.exp(mean), rel=1e-5)  # a spike: capped
+    assert m.log_grad_norm.item() == pytest.approx(0.9 * mean + 0.1 * (mean + math.log(3.0)))
 
 
 def test_config_file_and_flags(tmp_path):
