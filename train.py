@@ -166,8 +166,8 @@ class Config:
     lr_end_ratio: float = 1 / 32
     """final lr / lr."""
     grad_clip_ratio: float | None = None
-    """cap each step's gradient norm at this x its running geometric mean (0 = off); unset = 3 for
-    batchtopk, off otherwise (see clip_gradients_)."""
+    """cap each step's gradient norm at this x its running geometric mean (0 = off); unset = 3, but
+    off for topk (see clip_gradients_)."""
     seed: int = 0
     """seed of the SAE's initialization."""
     device: str | None = None
@@ -1113,8 +1113,9 @@ def clip_gradients_(m: Member, ratio: float):
     before it, which follows the clipped norms (a mean over some 10 steps). Why: a batch that holds
     one of the LM's massive activations (~100x the median norm) can give a gradient thousands of
     times the usual one. Unclipped, it inflates Adam's second moments of every parameter it reached,
-    which then barely move for the rest of a run. TopK gives such a token k latents, and the loss
-    suffers little; BatchTopK gives it hundreds. Every rank clips the same, all-reduced, gradient."""
+    which then barely move for the rest of a run. TopK gives such a token k latents, and clipping
+    costs it more than it saves; BatchTopK, ReLU and JumpReLU give it every latent past a threshold,
+    hundreds. Every rank clips the same, all-reduced, gradient."""
     grads = [p.grad for p in m.sae.parameters() if p.grad is not None]
     log_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).log()
     if m.log_grad_norm is None:         # the first step: its own norm
@@ -1153,7 +1154,7 @@ def train_step(m: Member, rows: torch.Tensor, step: int, total_steps: int, dead_
     m.opt.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients_(sae, world)
-    ratio = cfg.grad_clip_ratio if cfg.grad_clip_ratio is not None else 3.0 if cfg.act_fn == "batchtopk" else 0
+    ratio = cfg.grad_clip_ratio if cfg.grad_clip_ratio is not None else 0 if cfg.act_fn == "topk" else 3.0
     if ratio:
         clip_gradients_(m, ratio)
     m.opt.step()
