@@ -1199,7 +1199,8 @@ def write_checkpoint(cfg: Config, members: list[Member], step: int, position: di
         dist.gather_object(position, positions, dst=0)
     if rank == 0:
         saes = [dict(sae=m.sae.state_dict(), opt=m.opt.state_dict(), s_in=m.s_in, s_out=m.s_out,
-                     since_fired=m.since_fired.cpu(), log_grad_norm=None if m.log_grad_norm is None else m.log_grad_norm.cpu()) for m in members]
+                     since_fired=m.since_fired.cpu(),
+                     log_grad_norm=None if m.log_grad_norm is None else m.log_grad_norm.cpu()) for m in members]
         save_checkpoint(os.path.join(cfg.exp_result_path, "checkpoints"), dict(
             step=step, saes=saes, configs=[run_config(m.cfg) for m in members], rng=torch.get_rng_state(),
             data=positions, wandb_id=wandb_run.id if wandb_run else None), cfg.keep_checkpoints)
@@ -1305,11 +1306,10 @@ def save_and_evaluate(cfg: Config, members: list[Member], step: int, model, drop
     a sweep also writes its summary. Returns the results (a sweep's: by SAE name)."""
     # A signal from the first save on (Ctrl-C, or a scheduler's SIGTERM, which would kill silently)
     # lets the save that is under way end, then stops the run with word that its SAEs are saved.
-    code, saes, stop, saved = code_version(), [], threading.Event(), threading.Event()
+    code, stop, saved = code_version(), threading.Event(), threading.Event()
     try:
         with caught_signals(stop, abandon=saved):
-            for m in members:
-                save_member(m, code, saes)
+            saes = [save_member(m, code) for m in members]
             saved.set()
             if stop.is_set():       # a signal that came while saving
                 raise KeyboardInterrupt
@@ -1334,19 +1334,20 @@ def save_and_evaluate(cfg: Config, members: list[Member], step: int, model, drop
     return out if len(members) > 1 else out[""]
 
 
-def save_member(m: Member, code: dict, saes: list[list[SAE]]):
+def save_member(m: Member, code: dict) -> list[SAE]:
     """One SAE saved with the normalization folded in (a BatchTopK one also converted to JumpReLU,
-    in jumprelu/ beside it); its raw-space SAEs are appended to `saes` for the evaluation."""
+    in jumprelu/ beside it). Returns the raw-space SAEs saved, for the evaluation."""
     extra = {"train": {**run_config(m.cfg), "exp_result_path": m.folder}, "code": code,
              "norm_scale_in": m.s_in, "norm_scale_out": m.s_out}
-    saes.append([folded(m.sae, m.s_in, m.s_out)])
-    saes[-1][0].save(m.folder, extra)
+    saes = [folded(m.sae, m.s_in, m.s_out)]
+    saes[0].save(m.folder, extra)
     converted = os.path.join(m.folder, "jumprelu")
     if m.cfg.act_fn == "batchtopk":
-        saes[-1].append(folded(m.sae, m.s_in, m.s_out).to_jumprelu_())
-        saes[-1][1].save(converted, extra)
+        saes.append(folded(m.sae, m.s_in, m.s_out).to_jumprelu_())
+        saes[1].save(converted, extra)
     elif os.path.exists(os.path.join(converted, "sae.safetensors")):   # an earlier run's, in this folder
         shutil.rmtree(converted)
+    return saes
 
 
 SUMMARY = ("explained_variance", "explained_variance_typical", "l0", "dead", "ultra_rare",
