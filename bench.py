@@ -632,7 +632,8 @@ def bench_quality(a, out: Report) -> dict:
     return results
 
 
-def main():
+def settings() -> argparse.Namespace:
+    """The flags, and the shapes, repeats and token counts of each section that follow from them."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats: a fast check")
@@ -645,7 +646,7 @@ def main():
     p.add_argument("--markdown", metavar="FILE", help="also write the tables and the summary to FILE as "
                    "Markdown, under a description of the machine")
     a = p.parse_args()
-    cpu, sections, a.native_bf16 = a.device == "cpu", a.sections.split(","), acts.native_bf16(a.device)
+    cpu, a.native_bf16 = a.device == "cpu", acts.native_bf16(a.device)
     a.d_model = acts.model_dims(a.model)[1]
     a.dtypes = (["fp32", "bf16"] if a.native_bf16 else ["fp32"]) if a.dtypes == "auto" else a.dtypes.split(",")
     if a.dtypes not in (["fp32"], ["fp32", "bf16"]):
@@ -668,8 +669,14 @@ def main():
     # (train.py's defaults but for --quick, where the LM forwards take a.lm_contexts contexts too).
     a.quality_tokens, a.quality_eval_tokens, a.quality_ks, a.quality_batch, a.quality_buffer = (
         (8192, 512, (16,), 256, 1024) if a.quick else (400_000, 32_768, (16, 64), 1024, 16_384))
+    return a
+
+
+def main():
+    a = settings()
+    sections = a.sections.split(",")
     transformers.utils.logging.disable_progress_bar()        # no "Loading weights" bars
-    if cpu:     # freed (B, m) tensors stay in the heap, as in train.py at large batches on CPU:
+    if a.device == "cpu":   # freed (B, m) tensors stay in the heap, as in train.py at large batches on CPU:
         keep_freed_memory()                     # for every step timed, the references too
     header, out = machine(a), Report()
     print("\n".join(header) + "\n")
