@@ -2,7 +2,8 @@
 latent collect its firing frequency, mean and max activation, its top activating contexts (its
 activation on every token around the peak), contexts sampled from lower activation ranges, and,
 for outputs in the residual stream, the tokens its decoder direction promotes and suppresses (a
-logit-lens reading); write them as one static page that opens from the disk, no server needed.
+logit-lens reading); write them as one static page that opens from the disk, no server needed
+(the page is analyze.html, copied beside the data as index.html).
 
     python analyze.py results/sae                   # the run's held-out text (what its evaluation read)
     python analyze.py results/sae --tokens 8192     # the first 8,192 tokens of it
@@ -36,6 +37,7 @@ import activations as acts
 from sae import SAE
 
 SHARD = 256          # latents per latents_NNNNN.js file: selecting a latent loads one small file
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "analyze.html")    # written as index.html
 RESIDUAL = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_out",
             "attn.hook_out", "mlp.hook_out")    # outputs that add into the residual stream: the logit lens reads them
 
@@ -293,7 +295,8 @@ def write(folder: str, stats: dict, lens, tokenizer, meta: dict):
             r["promoted"] = list(zip(lens[0][r["latent"]].tolist(), rounded(lens[1][r["latent"]])))
             r["suppressed"] = list(zip(lens[2][r["latent"]].tolist(), rounded(lens[3][r["latent"]])))
         js(os.path.join(folder, f"latents_{s // SHARD:05d}.js"), f"latents_{s // SHARD:05d}", records)
-    acts.write_atomic(os.path.join(folder, "index.html"), PAGE)
+    with open(PAGE, "rb") as f:
+        acts.write_atomic(os.path.join(folder, "index.html"), f.read())
     density_plot(os.path.join(folder, "density.png"), freq, stats["tokens"], meta["sae"])
 
 
@@ -371,78 +374,6 @@ def main(cfg: Config) -> str:
           f"open {os.path.join(folder, 'index.html')}")
     return folder
 
-
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>nanoSAE latents</title><style>
-body{margin:0;font:13px/1.45 system-ui,sans-serif;color:#222;display:flex;height:100vh}.note{color:#666;font-size:12px}
-#side{width:460px;display:flex;flex-direction:column;border-right:1px solid #ccc;background:#fafafa}h2{margin:4px 0}
-#bar{padding:8px;border-bottom:1px solid #ddd}#q{width:100%;box-sizing:border-box;padding:5px}h3{margin:16px 0 4px}
-.g{display:grid;grid-template-columns:62px 72px 58px 58px 1fr;gap:6px;padding:0 8px;white-space:nowrap}
-#main{flex:1;overflow-y:auto;padding:12px 22px}
-#head{font-weight:600;padding:5px 8px;border-bottom:1px solid #ccc}#head [data-k]{cursor:pointer;color:#2255aa}
-#list{flex:1;overflow-y:auto}#pad{position:relative}.row:hover{background:#eee}.row.sel{background:#dbe6ff}
-.row{position:absolute;left:0;right:0;height:22px;line-height:22px;cursor:pointer;overflow:hidden}.up{background:#d8f0d8}
-.row span:last-child{overflow:hidden;text-overflow:ellipsis}.at{outline:1.5px solid #b03000}.down{background:#f6d8d8}
-.ctx{font:12.5px ui-monospace,Menlo,monospace;white-space:pre-wrap;padding:3px 0;border-bottom:1px solid #eee}
-.v{display:inline-block;width:64px;color:#555;text-align:right;margin-right:10px}
-.tk{display:inline-block;font-family:monospace;margin:2px;padding:0 5px;border-radius:3px}</style></head><body>
-<div id="side"><div id="bar"><input id="q" placeholder="search: a token latents fire on or promote, or #123">
-<div id="n" class="note"></div><div id="meta" class="note"></div></div><div id="head" class="g"><span data-k="i"></span>
-<span data-k="freq"></span><span data-k="max"></span><span data-k="mean"></span><span>fires on</span></div>
-<div id="list"><div id="pad"></div></div></div><div id="main"><p class="note">Select a latent.</p></div>
-<script>var D={};function nanosaeData(k,v){D[k]=v;if(k.startsWith("latents_"))show(cur)}</script>
-<script src="summary.js"></script><script src="tokens.js"></script><script>
-const S=D.summary,T=D.tokens,M=S.meta,H=22,N=S.freq.length,$=id=>document.getElementById(id);
-let order=[...Array(N).keys()],shown=order,cur=null,desc=true,key="i";
-const tok=t=>T[t]===undefined?"?":T[t],esc=s=>s.replace(/[&<>"]/g,c=>"&#"+c.charCodeAt(0)+";");
-const vis=s=>esc(s).replace(/\\n/g,"\\u21b5").replace(/\\t/g,"\\u21e5");
-const num=v=>v===0?"0":Math.abs(v)<0.01||v>=1e4?v.toExponential(1):v.toPrecision(3);
-const pct=v=>v===0?"dead":v<1e-4?v.toExponential(1):(100*v).toPrecision(2)+"%";
-$("meta").innerHTML=esc(`${M.sae} \\u00b7 ${M.act_fn} \\u00b7 ${M.model} ${M.hook_point_in} \\u00b7 `+
-  `${M.tokens.toLocaleString()} tokens of ${M.dataset} \\u00b7 `)+'<a href="density.png">density</a>';
-function sortBy(k){if(k===key)desc=!desc;else{key=k;desc=k!=="i"}const a=k==="i"?null:S[k],s=desc?-1:1;
-  order.sort((x,y)=>s*(a?a[x]-a[y]:x-y)||x-y);
-  for(const e of document.querySelectorAll("#head [data-k]"))e.textContent=
-    {i:"latent",freq:"freq",max:"max",mean:"mean"}[e.dataset.k]+(e.dataset.k===key?(desc?" \\u25be":" \\u25b4"):"");
-  filter()}
-function filter(){const q=$("q").value.trim().toLowerCase(),m=q.match(/^#?(\\d+)$/);
-  shown=m?order.filter(i=>i===+m[1]):q?order.filter(i=>S.fires[i].concat(S.promotes?S.promotes[i]:[])
-    .some(t=>tok(t).toLowerCase().includes(q))):order;
-  $("pad").style.height=shown.length*H+"px";
-  $("n").textContent=`${shown.length.toLocaleString()} of ${N.toLocaleString()} latents`;
-  render()}
-function render(){const l=$("list"),a=Math.floor(l.scrollTop/H),b=Math.min(shown.length,a+Math.ceil(l.clientHeight/H)+2);
-  let h="";for(let r=a;r<b;r++){const i=shown[r];h+=`<div class="row g${i===cur?" sel":""}" style="top:${r*H}px" `+
-    `data-i="${i}"><span>#${i}</span><span>${pct(S.freq[i])}</span><span>${num(S.max[i])}</span><span>${num(S.mean[i])}`+
-    `</span><span>${S.fires[i].map(t=>vis(tok(t))).join(" \\u00b7 ")}</span></div>`}
-  $("pad").innerHTML=h}
-function ctx(c,mx){return `<div class="ctx"><span class="v">${num(c.act)}</span>`+c.ids.map((t,j)=>`<span class="t`+
-  `${j===c.at?" at":""}" style="background:rgba(255,110,0,${(mx>0?Math.min(c.acts[j]/mx,1):0).toFixed(2)})" `+
-  `title="${esc(tok(t))}: ${num(c.acts[j])}">${vis(tok(t))}</span>`).join("")+"</div>"}
-const toks=(l,c)=>l.map(([t,v])=>`<span class="tk ${c}" title="logit ${num(v)}">${vis(tok(t))}</span>`).join("");
-function show(i){if(i===null||isNaN(i)||i<0||i>=N)return;cur=i;render();
-  const s=Math.floor(i/M.shard),name="latents_"+String(s).padStart(5,"0");
-  if(!D[name]){if(!$(name)){const e=document.createElement("script");e.id=name;e.src=name+".js";document.body.append(e)}
-    $("main").innerHTML="<p class='note'>loading\\u2026</p>";return}
-  const L=D[name][i-s*M.shard],[lo,hi]=M.sample_range,none=w=>`<p class='note'>${w}</p>`;
-  let h=`<h2 id="latent">Latent #${i}</h2><p>fires on ${pct(L.freq)} of tokens (${L.count.toLocaleString()} of `+
-    `${M.tokens.toLocaleString()}); mean activation when firing ${num(L.mean)}, max ${num(L.max)}</p>`;
-  if(L.promoted)h+=`<h3>Logit lens</h3><p class="note">A logit-lens reading: the decoder direction through the final `+
-    `norm and the unembedding, its direct effect on the next-token logits (not measured behaviour).</p>`+
-    `<div>promotes ${toks(L.promoted,"up")}</div><div>suppresses ${toks(L.suppressed,"down")}</div>`;
-  h+=`<h3>Top ${L.top.length} activating contexts</h3><p class="note">Each token shaded by this latent's activation `+
-    `on it (hover for the value); the outlined token is where it fires.</p>`+
-    (L.top.map(c=>ctx(c,L.max)).join("")||none("It never fired on this text."))+
-    `<h3>Sampled from ${100*lo}\\u2013${100*hi}% of its max</h3>`+
-    (L.samples.map(c=>ctx(c,L.max)).join("")||none("None in this range."));
-  $("main").innerHTML=h;$("main").scrollTop=0}
-$("list").addEventListener("scroll",render);$("q").addEventListener("input",filter);
-window.addEventListener("resize",render);
-$("pad").addEventListener("click",e=>{const r=e.target.closest(".row");if(r)location.hash=r.dataset.i});
-for(const e of document.querySelectorAll("#head [data-k]"))e.addEventListener("click",()=>sortBy(e.dataset.k));
-window.addEventListener("hashchange",()=>show(parseInt(location.hash.slice(1))));
-sortBy("freq");show(parseInt(location.hash.slice(1)));
-</script></body></html>
-"""
 
 if __name__ == "__main__":
     try:
