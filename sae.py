@@ -119,12 +119,15 @@ class SAE(nn.Module):
         self.jumprelu_threshold_window = jumprelu_threshold_window
         self.jumprelu_init_threshold = jumprelu_init_threshold
         kw = dict(dtype=dtype, device=device)
-        # Random decoder directions; the encoder starts as the decoder (h = x W_dec^T: W_enc = W_dec).
+        # Random decoder directions. An SAE's encoder starts as its decoder (h = x W_dec^T); a
+        # transcoder's reads another space than its decoder writes, even at the same width, so it is
+        # drawn on its own (tied, a TopK transcoder's latents mostly died: each row of its encoder
+        # would follow its decoder's norm, which the grid search makes small).
         W_dec = torch.randn(d_sae, d_out, **kw)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)                                          # (m, d_out)
-        self.W_enc = nn.Parameter(W_dec.clone() if d_in == d_out                  # (m, d_in)
-                                  else torch.randn(d_sae, d_in, **kw) / d_in ** 0.5)
+        self.W_enc = nn.Parameter(torch.randn(d_sae, d_in, **kw) / d_in ** 0.5    # (m, d_in)
+                                  if transcoder or d_in != d_out else W_dec.clone())
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
         self.b_dec = nn.Parameter(torch.zeros(d_out, **kw))
         # JumpReLU thresholds live in fp32 whatever the SAE's dtype: exp() of a bf16 log is coarse.
@@ -261,9 +264,9 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def set_decoder_norm_(self, r: float):
-        """Every decoder row to norm r and the encoder to the decoder again (W_enc = W_dec)."""
+        """Every decoder row to norm r and an SAE's encoder to the decoder again (W_enc = W_dec)."""
         self.W_dec.mul_(r / self.W_dec.norm(dim=1, keepdim=True))
-        if self.d_in == self.d_out:
+        if not self.transcoder and self.d_in == self.d_out:
             self.W_enc.copy_(self.W_dec)
 
     @torch.no_grad()

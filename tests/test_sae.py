@@ -311,6 +311,22 @@ def test_transcoder_does_not_subtract_b_dec():
     assert sae(x)[0].shape == (8, 24)
 
 
+def test_an_sae_encoder_starts_as_its_decoder_and_a_transcoders_does_not():
+    """W_enc = W_dec at init (and after the grid search's set_decoder_norm_) for an SAE only: a
+    transcoder of equal widths reads another space, and its encoder keeps its own directions and
+    norms (rows of norm ~1) whatever norm the decoder rows are set to."""
+    torch.manual_seed(0)
+    sae, tc = SAE(16, 64, "topk", 4), SAE(16, 64, "topk", 4, d_out=16, transcoder=True)
+    for r in (None, 0.05):
+        if r is not None:
+            sae.set_decoder_norm_(r)
+            tc.set_decoder_norm_(r)
+        assert torch.equal(sae.W_enc, sae.W_dec)
+        cos = torch.nn.functional.cosine_similarity(tc.W_enc, tc.W_dec, dim=1).abs()
+        assert cos.max() < 0.9 and tc.W_enc.norm(dim=1).mean() > 0.8
+    assert torch.allclose(tc.W_dec.norm(dim=1), torch.full((64,), 0.05))
+
+
 def test_auxk_grad_only_reaches_dead_latents():
     sae = make("topk")
     x = torch.randn(32, 16)
