@@ -728,24 +728,28 @@ def from_reference_sections(values: dict, path: str) -> dict:
 
 def expand_grid(argv: list[str]) -> list[list[str]]:
     """argv with the per-SAE flags given several values (--top-k 16 32 --act-fn topk batchtopk)
-    spread into one argv per point of their cartesian product; without any, [argv]."""
+    spread into one argv per point of their cartesian product; without any, [argv]. A swept switch
+    takes true / false (--skip-connection false true), which become tyro's --flag / --no-flag."""
     fixed, swept, i = [], [], 0
-    lists = {f.name for f in dataclasses.fields(Config) if get_origin(f.type) is list}
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
     while i < len(argv):
         j = i + 1
         while j < len(argv) and not argv[j].startswith("--"):
             j += 1
-        name = argv[i][2:].replace("-", "_")
-        if argv[i].startswith("--") and j - i > 2 and name not in lists:
+        flag, name, values = argv[i], argv[i][2:].replace("-", "_"), argv[i + 1:j]
+        switch = fields.get(name) is bool and name in SWEPT and values
+        if flag.startswith("--") and (len(values) > 1 or switch) and get_origin(fields.get(name)) is not list:
             if name not in SWEPT:
-                raise ValueError(f"{argv[i]} takes one value: the SAEs of a sweep share it (per SAE, "
+                raise ValueError(f"{flag} takes one value: the SAEs of a sweep share it (per SAE, "
                                  f"several values: {', '.join('--' + k.replace('_', '-') for k in SWEPT)})")
-            swept.append((argv[i], argv[i + 1:j]))
+            if switch and not {v.lower() for v in values} <= {"true", "false"}:
+                raise ValueError(f"{flag} {' '.join(values)}: give true or false (both: a sweep)")
+            swept.append([[flag] if v.lower() == "true" else ["--no-" + flag[2:]] for v in values] if switch
+                         else [[flag, v] for v in values])
         else:
             fixed += argv[i:j]
         i = j
-    return [fixed + [a for (flag, _), v in zip(swept, point) for a in (flag, v)]
-            for point in itertools.product(*(values for _, values in swept))]
+    return [fixed + [a for args in point for a in args] for point in itertools.product(*swept)]
 
 
 def sweep_names(cfgs: list[Config]) -> list[str]:

@@ -29,6 +29,14 @@ def test_per_sae_flags_with_several_values_make_the_grid():
     one, = train.parse_args(["--top-k", "32"])
     assert one == train.Config(top_k=32) and train.member_folders([one]) == [one.exp_result_path]
     assert train.sweep_names([one]) == [""]
+    # a switch is swept with true / false; alone it stays a plain flag
+    tc = ["--hook-point-in", "blocks.0.ln2.hook_normalized", "--hook-point-out", "blocks.0.hook_mlp_out"]
+    cfgs = train.parse_args(tc + ["--skip-connection", "false", "True", "--top-k", "16", "32"])
+    assert [(c.skip_connection, c.top_k) for c in cfgs] == [(False, 16), (False, 32), (True, 16), (True, 32)]
+    assert train.sweep_names(cfgs) == ["k16-noskip", "k32-noskip", "k16-skip", "k32-skip"]
+    assert [c.skip_connection for c in train.parse_args(tc + ["--skip-connection"])] == [True]
+    with pytest.raises(ValueError, match="--skip-connection yes: give true or false"):
+        train.parse_args(tc + ["--skip-connection", "yes"])
 
 
 def test_a_config_file_lists_the_saes_of_a_sweep(tmp_path):
