@@ -121,8 +121,7 @@ class SAE(nn.Module):
         kw = dict(dtype=dtype, device=device)
         # Random decoder directions. An SAE's encoder starts as its decoder (h = x W_dec^T); a
         # transcoder's reads another space than its decoder writes, even at the same width, so it is
-        # drawn on its own (tied, a TopK transcoder's latents mostly died: each row of its encoder
-        # would follow its decoder's norm, which the grid search makes small).
+        # drawn on its own (tied to the decoder, many of a TopK transcoder's latents never fired).
         W_dec = torch.randn(d_sae, d_out, **kw)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)                                          # (m, d_out)
