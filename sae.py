@@ -119,9 +119,8 @@ class SAE(nn.Module):
         self.jumprelu_threshold_window = jumprelu_threshold_window
         self.jumprelu_init_threshold = jumprelu_init_threshold
         kw = dict(dtype=dtype, device=device)
-        # Random decoder directions. An SAE's encoder starts as its decoder (h = x W_dec^T); a
-        # transcoder's reads another space than its decoder writes, even at the same width, so it is
-        # drawn on its own (tied to the decoder, many of a TopK transcoder's latents never fired).
+        # Random decoder directions; an SAE's encoder starts as its decoder (h = x W_dec^T). A transcoder
+        # reads another space than it writes, even at one width: its encoder is drawn on its own.
         W_dec = torch.randn(d_sae, d_out, **kw)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)                                          # (m, d_out)
