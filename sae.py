@@ -349,10 +349,15 @@ FAST = True
 SPARSE_BELOW = {("cpu", torch.float32): 0.07, ("cpu", torch.bfloat16): 0.03, ("cpu", torch.float16): 0.04,
                 ("cuda", torch.float32): 0.005}
 
-# fp32 topk and batchtopk on a CPU with bf16 matrix units (AMX), whose bf16 matmuls run several
-# times faster than fp32 ones, select on estimate_c's bf16 c, then exact_pairs, where m >= this.
-# The gain grows with m; below this the exact checks cost about what the bf16 matmul saves.
-ESTIMATE_FROM = 12288 if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else math.inf
+# fp32 topk and batchtopk on a CPU whose low-precision matmuls run several times faster than fp32
+# ones select on estimate_c's estimate of c, then exact_pairs, where m >= ESTIMATE_FROM: from a bf16
+# matmul with bf16 matrix units (AMX), else from an int8 one with int8 dot-product instructions
+# (VNNI: Intel CPUs since Cascade Lake, AMD's since Zen 4, with or without native bf16). int8's
+# error is some times bf16's, so it leaves more pairs to check exactly. The gain grows with m;
+# below ESTIMATE_FROM the exact checks cost about what the estimate saves.
+_has = lambda flag: getattr(torch.cpu, flag, lambda: False)()                  # noqa: E731
+ESTIMATE = "bf16" if _has("_is_amx_tile_supported") or not _has("_is_vnni_supported") else "int8"
+ESTIMATE_FROM = 12288 if _has("_is_amx_tile_supported") or _has("_is_vnni_supported") else math.inf
 
 BLOCK = 2 ** 18     # elements of a row block of a (B, m) tensor on CPU: 1 MB in fp32 (see JumpReLU)
 
@@ -444,7 +449,7 @@ def encode_selected(sae: SAE, x_c, bias_M, n_M, k: int, share: float, mm: tuple)
     else:
         with torch.no_grad():
             if estimate:
-                c_BM, err_B = estimate_c(x_c, sae.W_enc, sae.b_enc, n_M)
+                c_BM, err_B, rel = estimate_c(x_c, sae.W_enc, sae.b_enc, n_M, ESTIMATE)
             else:
                 c_BM = torch.addmm(bias_M * n_M, x_c, (sae.W_enc * n_M[:, None]).T)
     g_max = group_max(c_BM) if estimate else None       # computed once for both selections
@@ -458,7 +463,7 @@ def encode_selected(sae: SAE, x_c, bias_M, n_M, k: int, share: float, mm: tuple)
     else:   # the k*B largest of the batch (Bussmann et al. 2024); under torchrun, the rank's batch
         rows, cols, c = largest_pairs(c_BM, k * B, g_max)
     if estimate:
-        rows, cols, c = exact_pairs(c_BM, g_max, rows, cols, err_B, partial(c_at_pairs, sae, x_c, n_M),
+        rows, cols, c = exact_pairs(c_BM, g_max, rows, cols, err_B, rel, partial(c_at_pairs, sae, x_c, n_M),
                                     k if sae.act_fn == "topk" else None)
     bags = None if h_BM is not None else latent_bags(c > 0, cols, M)
     vals = F.relu(h_at(sae, x_c, h_BM, n_M, rows, cols, c, bags))     # f = relu(c) / n = relu(h)
@@ -736,46 +741,58 @@ def row_topk(c_BM: torch.Tensor, k: int, g_max: torch.Tensor | None = None):
     return vals, idx.gather(1, j)
 
 
-def estimate_c(x_BD: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, n_M: torch.Tensor):
-    """c = x (W_enc n)^T + b_enc n from one bf16 matmul, and err_B (B,): |c - estimate| <= err_B + REL
-    |estimate|. With x = x' + dx, w = w' + dw (' rounded to bf16), x.w - x'.w' = x'.dw + dx.w is at
-    most ||x'|| ||dw|| + ||dx|| ||w|| (Cauchy-Schwarz), and so for the bias; fp32 accumulation adds
-    at most d 2^-24 ||x'|| ||w'||, the one rounding of the output 2^-8 |c|. x is centred (x - b_dec):
-    the massive activations of a few dimensions of the residual stream, which b_dec takes out, would
-    swell ||x|| and the bound with it, and so the number of candidates exact_pairs must check."""
+def estimate_c(x_BD: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, n_M: torch.Tensor,
+               kind: str = "bf16"):
+    """c = x (W_enc n)^T + b_enc n from one bf16 or int8 matmul, with its bound: returns (estimate,
+    err_B, rel), |c - estimate| <= err_B (B,) + rel |estimate|. With x = x' + dx, w = w' + dw (' the
+    rounded or quantized values), x.w - x'.w' = x'.dw + dx.w is at most ||x'|| ||dw|| + ||dx|| ||w||
+    (Cauchy-Schwarz), and so for the bias. x is centred (x - b_dec): the massive activations of a
+    few dimensions of the residual stream, which b_dec takes out, would swell ||x|| and the bound
+    with it, and so the number of candidates exact_pairs must check."""
     Wn_MD, b_M = W_enc * n_M[:, None], b_enc * n_M
-    (B, D), M = x_BD.shape, len(b_M)
-    # b_enc n rides in the matmul, a column of W against a column of ones in x (K padded to a
-    # multiple of 32): no separate pass over the (B, m) output to add it
+    (B, D), M, norm = x_BD.shape, len(b_M), torch.linalg.vector_norm
+    if kind == "int8":
+        # each row of x and of W n to int8 at its own scale (max |value| -> 127); the int32 sums are
+        # exact, and turning them into c rounds in fp32: at most 4 roundings of 2^-24 of |x'.w'|, and
+        # of |c| for adding b (rel)
+        s_B1, s_M1 = (t.abs().amax(1, keepdim=True).clamp(min=1e-30) / 127 for t in (x_BD, Wn_MD))
+        x_q, W_q = (x_BD / s_B1).round().to(torch.int8), (Wn_MD / s_M1).round().to(torch.int8)
+        c_BM = torch._int_mm(x_q, W_q.T).float().mul_(s_B1).mul_(s_M1.T).add_(b_M)
+        x_r, W_r = x_q * s_B1, W_q * s_M1
+        x_B, dx_B = norm(x_r, dim=1), norm(x_BD - x_r, dim=1)
+        w, w_r, dw = norm(Wn_MD, dim=1).max(), norm(W_r, dim=1).max(), norm(Wn_MD - W_r, dim=1).max()
+        return c_BM, (x_B * (dw + 4 * 2 ** -24 * w_r) + dx_B * w) * 1.01, 1.01 * 2 ** -24
+    # bf16: b_enc n rides in the matmul, a column of W against a column of ones in x (K padded to a
+    # multiple of 32): no separate pass over the (B, m) output to add it. fp32 accumulation adds at
+    # most d 2^-24 ||x'|| ||w'||, the one rounding of the output 2^-8 |c| (rel).
     x_BK = x_BD.new_zeros(B, D + 32, dtype=torch.bfloat16)
     W_MK = x_BD.new_zeros(M, D + 32, dtype=torch.bfloat16)
     x_BK[:, :D], x_BK[:, D], W_MK[:, :D], W_MK[:, D] = x_BD, 1, Wn_MD, b_M
     c_BM = x_BK @ W_MK.T
     x_b, W_b, b_b = x_BK[:, :D], W_MK[:, :D], W_MK[:, D]
-    norm = torch.linalg.vector_norm
     x_B, dx_B = norm(x_BD, dim=1), norm(x_BD - x_b, dim=1)
     w, dw = norm(Wn_MD, dim=1).max(), norm(Wn_MD - W_b, dim=1).max()
     err_B = (x_B + dx_B) * (dw + D * 2 ** -24 * w) + dx_B * w + (b_M - b_b).abs().max()
-    return c_BM, err_B * 1.01
+    return c_BM, err_B * 1.01, REL
 
 
-REL = 1.01 * 2 ** -8    # estimate_c's relative error: its rounding to bf16 (2^-8), 1% to spare
+REL = 1.01 * 2 ** -8    # the bf16 estimate's relative error: its rounding to bf16 (2^-8), 1% to spare
 
 
-def exact_pairs(c_BM, g_max, rows, cols, err_B, exact_c, k: int | None = None):
+def exact_pairs(c_BM, g_max, rows, cols, err_B, rel, exact_c, k: int | None = None):
     """From a selection (rows, cols) made on an estimate c_BM of c (estimate_c), the same selection
     on the exact c: each row's k largest (k), or the batch's len(rows) largest. The selected pairs'
     exact c (exact_c(rows, cols)) bound the k-th largest exact value of a row (or the n-th of the
-    batch) from below: L = their smallest. A pair whose estimate c_BM + err_B + REL |c_BM| falls
+    batch) from below: L = their smallest. A pair whose estimate c_BM + err_B + rel |c_BM| falls
     short of L cannot be among them; every other pair gets its exact c too, and the selection is
-    made again among those candidates (~1.5 per selected pair). L from exact values, not from the
-    estimate's bounds, halves the window, and one token's large error (a massive activation) no
-    longer widens every token's."""
+    made again among those candidates (~1.5 per selected pair from bf16, a few from int8). L from
+    exact values, not from the estimate's bounds, halves the window, and one token's large error (a
+    massive activation) no longer widens every token's."""
     B, M = c_BM.shape
     c = exact_c(rows, cols)
     L_B = c.view(B, k).amin(1) if k else c.min().expand(B)
-    Z_B = L_B - err_B                   # c_BM + REL |c_BM| >= Z_B exactly where c_BM >= t_B (rounded down)
-    t_B = torch.where(Z_B >= 0, Z_B / (1 + REL), Z_B / (1 - REL))
+    Z_B = L_B - err_B                   # c_BM + rel |c_BM| >= Z_B exactly where c_BM >= t_B (rounded down)
+    t_B = torch.where(Z_B >= 0, Z_B / (1 + rel), Z_B / (1 - rel))
     t_low = t_B.to(c_BM.dtype)
     t_B = torch.where(t_low > t_B, t_low.nextafter(t_low.new_tensor(-math.inf)), t_low)
     at, _ = reaching(c_BM, g_max, t_B[:, None])
