@@ -157,8 +157,9 @@ class Config:
     """seed of the mixing buffer's shuffles (rank r uses perm_seed + r)."""
     generator_device: str | None = None
     """device of the shuffling generator; unset = the training device."""
-    lr: float = 1e-3
-    """Adam learning rate."""
+    lr: float | None = None
+    """Adam learning rate; unset = 2e-3 for batchtopk (its clipped gradients take it, see
+    clip_gradients_), else 1e-3."""
     lr_warmup_steps: float = 0.01
     """linear lr warmup (int steps, or a fraction of the run)."""
     lr_decay_steps: float = 0.5
@@ -248,6 +249,11 @@ class Config:
                                  f".txt/.txt.gz/.jsonl files or an HF dataset name (owner/name)")
 
     @property
+    def learning_rate(self) -> float:
+        """lr, or its default for this act_fn."""
+        return self.lr if self.lr is not None else 2e-3 if self.act_fn == "batchtopk" else 1e-3
+
+    @property
     def hook_out(self) -> str:
         """the activation the SAE reconstructs: hook_point_out, or hook_point_in for an SAE."""
         return self.hook_point_out or self.hook_point_in
@@ -298,14 +304,14 @@ def k_at(step: int, cfg: Config, total_steps: int) -> int:
 def lr_at(step: int, cfg: Config, total_steps: int) -> float:
     """Linear warmup, constant, linear decay over the last lr_decay_steps to lr * lr_end_ratio
     at the last step."""
-    warm = steps_of(cfg.lr_warmup_steps, total_steps)
-    decay = steps_of(cfg.lr_decay_steps, total_steps)
+    lr = cfg.learning_rate
+    warm, decay = steps_of(cfg.lr_warmup_steps, total_steps), steps_of(cfg.lr_decay_steps, total_steps)
     if step < warm:
-        return cfg.lr * (step + 1) / warm
+        return lr * (step + 1) / warm
     left = total_steps - 1 - step                  # steps after this one
     if left < decay:
-        return cfg.lr * (cfg.lr_end_ratio + (1 - cfg.lr_end_ratio) * left / decay)
-    return cfg.lr
+        return lr * (cfg.lr_end_ratio + (1 - cfg.lr_end_ratio) * left / decay)
+    return lr
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1029,7 +1035,7 @@ def init_members(cfgs: list[Config], widths: dict[str, int], device: str, world:
                   cfg.jumprelu_threshold_window, cfg.jumprelu_init_threshold,
                   matryoshka_sizes=[d_sae >> i for i in range(n - 1, -1, -1)] if n else None,
                   skip_connection=cfg.skip_connection, dtype=getattr(torch, cfg.dtype), device=device)
-        opt = torch.optim.Adam(sae.param_groups(cfg.jumprelu_lr_factor), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+        opt = torch.optim.Adam(sae.param_groups(cfg.jumprelu_lr_factor), lr=cfg.learning_rate, betas=(0.9, 0.999), fused=True)
         m = Member(cfg, name, folder, sae, opt, (cols(cfg.hook_point_in), cols(cfg.hook_out)))
         if ckpt:
             saved = ckpt["saes"][i]

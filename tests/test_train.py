@@ -48,6 +48,11 @@ def test_lr_schedule():
     assert train.lr_at(79, c, 100) == pytest.approx(1.0)           # 20 after it: decay starts
     assert train.lr_at(89, c, 100) == pytest.approx(1 / 32 + (1 - 1 / 32) * 0.5)
     assert train.lr_at(99, c, 100) == pytest.approx(1 / 32)        # the last step: lr / 32
+    # unset, the lr is the act_fn's: batchtopk's, 2e-3, also when --act-fn comes after the defaults
+    # were made (tyro builds the Config from a default one, whose act_fn is topk)
+    assert [c.learning_rate for c in train.parse_args(["--act-fn", "topk", "batchtopk", "relu"])] == [1e-3, 2e-3, 1e-3]
+    assert train.parse_args(["--act-fn", "batchtopk", "--lr", "5e-4"])[0].learning_rate == 5e-4
+    assert train.lr_at(40, cfg(act_fn="batchtopk"), 100) == 2e-3
 
 
 def run_train(*args, timeout=600, env=None):
