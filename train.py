@@ -248,10 +248,17 @@ class Config:
                 raise ValueError(f"{flag} {name} does not exist: give a folder of "
                                  f".txt/.txt.gz/.jsonl files or an HF dataset name (owner/name)")
 
+    # The two settings whose default depends on the act_fn, resolved where they are used (here, in
+    # __post_init__, tyro would fix them for the default act_fn before --act-fn is read).
     @property
     def learning_rate(self) -> float:
         """lr, or its default for this act_fn."""
         return self.lr if self.lr is not None else 2e-3 if self.act_fn == "batchtopk" else 1e-3
+
+    @property
+    def clip_ratio(self) -> float:
+        """grad_clip_ratio, or its default for this act_fn (0: off)."""
+        return self.grad_clip_ratio if self.grad_clip_ratio is not None else 0 if self.act_fn == "topk" else 3.0
 
     @property
     def hook_out(self) -> str:
@@ -1164,9 +1171,8 @@ def train_step(m: Member, rows: torch.Tensor, step: int, total_steps: int, dead_
     m.opt.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients_(sae, world)
-    ratio = cfg.grad_clip_ratio if cfg.grad_clip_ratio is not None else 0 if cfg.act_fn == "topk" else 3.0
-    if ratio:
-        clip_gradients_(m, ratio)
+    if cfg.clip_ratio:
+        clip_gradients_(m, cfg.clip_ratio)
     m.opt.step()
     fired = code.fired(sae.d_sae)
     m.window.add(y.float(), y_hat.detach().float(), fired, {**terms, "loss": loss})

@@ -208,6 +208,9 @@ def test_gradient_clipping_caps_a_spike_at_the_ratio_of_the_running_mean():
     assert m.log_grad_norm.item() == pytest.approx(mean)
     assert step(2000.0) == pytest.approx(3 * math.exp(mean), rel=1e-5)  # a spike: capped
     assert m.log_grad_norm.item() == pytest.approx(0.9 * mean + 0.1 * (mean + math.log(3.0)))
+    # unset, the ratio is the act_fn's: off for topk, 3 for the others; 0 turns it off
+    assert [c.clip_ratio for c in train.parse_args(["--act-fn", "topk", "batchtopk", "relu"])] == [0, 3.0, 3.0]
+    assert train.parse_args(["--act-fn", "batchtopk", "--grad-clip-ratio", "0"])[0].clip_ratio == 0
 
 
 def test_config_file_and_flags(tmp_path):
