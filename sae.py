@@ -355,9 +355,9 @@ SPARSE_BELOW = {("cpu", torch.float32): 0.07, ("cpu", torch.bfloat16): 0.03, ("c
 # (VNNI: Intel CPUs since Cascade Lake, AMD's since Zen 4, with or without native bf16). int8's
 # error is some times bf16's, so it leaves more pairs to check exactly. The gain grows with m;
 # below ESTIMATE_FROM the exact checks cost about what the estimate saves.
-_has = lambda flag: getattr(torch.cpu, flag, lambda: False)()                  # noqa: E731
-ESTIMATE = "bf16" if _has("_is_amx_tile_supported") or not _has("_is_vnni_supported") else "int8"
-ESTIMATE_FROM = 12288 if _has("_is_amx_tile_supported") or _has("_is_vnni_supported") else math.inf
+AMX, VNNI = (getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_vnni_supported"))
+ESTIMATE = "int8" if VNNI and not AMX else "bf16"
+ESTIMATE_FROM = 12288 if AMX or VNNI else math.inf
 
 BLOCK = 2 ** 18     # elements of a row block of a (B, m) tensor on CPU: 1 MB in fp32 (see JumpReLU)
 
