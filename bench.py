@@ -187,9 +187,16 @@ class Report:
         self.md += ["## Summary", "\n".join(f"- {line}" for line in lines)]
 
     def write(self, path: str, header: list[str]):
+        """The file anew, but for its section "## Ablations" (to its end): single experiments
+        recorded by hand, each with the machine it ran on, which no bench section repeats."""
+        kept = ""
+        if os.path.exists(path):
+            with open(path) as f:
+                old = f.read()
+            kept = old[old.find("\n## Ablations"):] if "\n## Ablations" in old else ""
         text = "\n\n".join(["# nanoSAE benchmarks", "\n".join(f"- {line}" for line in header)] + self.md)
         with open(path, "w") as f:
-            f.write(text + "\n")
+            f.write(text + "\n" + kept)
 
 
 def timeit(fns: list, device: str, warmup: int, repeats: int) -> list[list[float]]:

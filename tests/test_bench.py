@@ -20,6 +20,8 @@ def ratios(summary: str, head: str) -> dict:
 
 def test_bench_quick_runs_every_section_and_writes_markdown(tmp_path, tiny_model_path):
     md = tmp_path / "BENCHMARKS.md"
+    kept = "\n## Ablations\n\nrecorded by hand: kept\n"
+    md.write_text("# nanoSAE benchmarks\n\n- CPU: a stale one\n\n## 1. matmul roofline\n\nstale\n" + kept)
     # No time limit worth the name: how long the bench takes is the machine's business (a busy CPU
     # without native bf16 is many times slower than a quiet one with it). This only stops a hang.
     # The LM sections run the tiny random model: what is checked here is the code, not the speed.
@@ -58,6 +60,7 @@ def test_bench_quick_runs_every_section_and_writes_markdown(tmp_path, tiny_model
 
     # The Markdown file: the machine first, then every section's table and the same summary.
     text = md.read_text()
+    assert "stale" not in text and text.endswith("\n" + kept), text[-500:]     # rewritten, but for the ablations
     header, body = text.split("\n## ", 1)
     assert header.startswith("# nanoSAE benchmarks\n")
     for item in ("- CPU: ", "- CPU native bf16: ", "torch CPU capability ", "- GPU: ", "; torch ", "- date: ",
