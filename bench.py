@@ -51,8 +51,10 @@ speed: no one should train that way, and timing it would take most of the bench'
            top-k and samples) over the same tokens, both timed inside that process.
 6. sweep   train.py sweeping eight SAEs (k = 16, 32, 64, 128 x topk, batchtopk, 8x) on one stream
            from the LM, against the same eight trained by eight single runs of the same tokens, each
-           a process of its own, timed whole (start, LM load, training, evaluation): the sweep runs
-           the LM once, the SAE steps eight times. --quick: two SAEs (k = 16, 32, topk).
+           a process of its own, timed whole (start, LM load, training, evaluation), and their
+           training alone, as section 4 reads it from log.jsonl: the sweep runs the LM once, the SAE
+           steps eight times; each SAE's evaluation splices it into its own LM forward. --quick: two
+           SAEs (k = 16, 32, topk).
 7. quality nanoSAE's topk and batchtopk at train.py's defaults against PlainTopK, the textbook TopK
            SAE, on identical activations: 400k tokens of --hook cached once from five of the six
            bundled novels, two passes in the same batch order, SAEs in fp32; held-out explained
@@ -61,6 +63,7 @@ speed: no one should train that way, and timing it would take most of the bench'
 """
 import argparse
 import datetime
+import glob
 import hashlib
 import itertools
 import json
@@ -504,9 +507,10 @@ def bench_analyze(a, out: Report) -> float:
 # --- 6. a sweep against single runs ---------------------------------------------------------------
 
 
-def bench_sweep(a, out: Report) -> float:
+def bench_sweep(a, out: Report) -> tuple[float, float]:
     """The eight SAEs of one sweep process against eight single-run processes; returns the
-    sweep's wall time over the single runs' total."""
+    sweep's time over the single runs' total: wall time of the processes (start, LM load and
+    evaluation included), and training time (log lines 2.. of log.jsonl, as section 4)."""
     steps, log_every = a.train_steps
     ks, act_fns = ((16, 32), ("topk",)) if a.quick else ((16, 32, 64, 128), ("topk", "batchtopk"))
     run = {**a.train, "total-training-tokens": steps * a.train["batch-size"], "log-frequency": log_every,
@@ -515,15 +519,22 @@ def bench_sweep(a, out: Report) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         sweep = train_py(flags + ["--top-k", *map(str, ks), "--act-fn", *act_fns, "--exp-result-path",
                                   os.path.join(tmp, "sweep")])
-        single = [train_py(flags + ["--top-k", str(k), "--act-fn", f, "--exp-result-path", os.path.join(tmp, f"{f}{k}")])
-                  for k in ks for f in act_fns]
+        singles = [os.path.join(tmp, f"{f}{k}") for k in ks for f in act_fns]
+        single = [train_py(flags + ["--top-k", str(k), "--act-fn", f, "--exp-result-path", folder])
+                  for (k, f), folder in zip(itertools.product(ks, act_fns), singles)]
+        # every SAE of a sweep logs the same windows' wall time: one of them gives the sweep's
+        trained = (steps - log_every) * a.train["batch-size"]
+        train_sweep = trained / logged_tokens_per_s(glob.glob(os.path.join(tmp, "sweep", "*", ""))[0])
+        train_single = [trained / logged_tokens_per_s(folder) for folder in singles]
     n = len(single)
     out.say(f"{n} SAEs (k {', '.join(map(str, ks))} x {', '.join(act_fns)}, expansion 8), {steps} steps of "
-            f"{a.train['batch-size']} tokens each, evaluation of {a.eval_tokens:,} tokens; process wall times")
-    out.table(["processes", "wall s", "per SAE s"],
-              [[f"one sweep of {n}", f"{sweep:.0f}", f"{sweep / n:.1f}"],
-               [f"{n} single runs", f"{sum(single):.0f}", f"{sum(single) / n:.1f}"]])
-    return sweep / sum(single)
+            f"{a.train['batch-size']} tokens each, evaluation of {a.eval_tokens:,} tokens; process wall "
+            f"times, and training times of steps {log_every + 1}..{steps} (log.jsonl)")
+    out.table(["processes", "wall s", "per SAE s", "training s", "training per SAE s"],
+              [[f"one sweep of {n}", f"{sweep:.0f}", f"{sweep / n:.1f}", f"{train_sweep:.1f}", f"{train_sweep / n:.2f}"],
+               [f"{n} single runs", f"{sum(single):.0f}", f"{sum(single) / n:.1f}", f"{sum(train_single):.1f}",
+                f"{sum(train_single) / n:.2f}"]])
+    return sweep / sum(single), train_sweep / sum(train_single)
 
 
 # --- 7. quality: nanoSAE against a plain TopK SAE on identical activations ---------------------------
@@ -736,7 +747,8 @@ def main():
         summary.append(f"analyze.py: analysis/LM forward of the same tokens {bench_analyze(a, out):.2f}x")
     if "sweep" in sections:
         out.section("6. a sweep of SAEs against single runs")
-        summary.append(f"sweep/single runs, wall time of the same SAEs: {bench_sweep(a, out):.2f}x")
+        wall, trained = bench_sweep(a, out)
+        summary.append(f"sweep/single runs, wall time of the same SAEs: {wall:.2f}x; training time: {trained:.2f}x")
     if "quality" in sections:
         out.section("7. quality: nanoSAE against a plain TopK SAE on identical activations")
         r = bench_quality(a, out)

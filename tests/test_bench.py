@@ -49,7 +49,7 @@ def test_bench_quick_runs_every_section_and_writes_markdown(tmp_path, tiny_model
                      summary), summary
     assert re.search(r"streaming reaches \d+% of 1 / \(1/LM \+ 1/cached\)", summary), summary
     assert re.search(r"analyze.py: analysis/LM forward of the same tokens \d+\.\d+x", summary), summary
-    assert re.search(r"sweep/single runs, wall time of the same SAEs: \d+\.\d+x", summary), summary
+    assert re.search(r"sweep/single runs, wall time of the same SAEs: \d+\.\d+x; training time: \d+\.\d+x$", summary, re.M), summary
     assert re.search(r"held-out EV typical, nanoSAE - plain topk: topk k=16 [+-]\d\.\d{4}, batchtopk k=16 "
                      r"[+-]\d\.\d{4}$", summary, re.M), summary
     # section 7's SAEs learned on the tiny model's activations: a fresh one (b_dec at the mean,
