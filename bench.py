@@ -524,7 +524,8 @@ def bench_sweep(a, out: Report) -> tuple[float, float]:
                   for (k, f), folder in zip(itertools.product(ks, act_fns), singles)]
         # every SAE of a sweep logs the same windows' wall time: one of them gives the sweep's
         trained = (steps - log_every) * a.train["batch-size"]
-        train_sweep = trained / logged_tokens_per_s(glob.glob(os.path.join(tmp, "sweep", "*", ""))[0])
+        member = os.path.dirname(glob.glob(os.path.join(tmp, "sweep", "*", "log.jsonl"))[0])
+        train_sweep = trained / logged_tokens_per_s(member)
         train_single = [trained / logged_tokens_per_s(folder) for folder in singles]
     n = len(single)
     out.say(f"{n} SAEs (k {', '.join(map(str, ks))} x {', '.join(act_fns)}, expansion 8), {steps} steps of "
