@@ -519,14 +519,14 @@ def bench_sweep(a, out: Report) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         sweep = train_py(flags + ["--top-k", *map(str, ks), "--act-fn", *act_fns, "--exp-result-path",
                                   os.path.join(tmp, "sweep")])
-        singles = [os.path.join(tmp, f"{f}{k}") for k in ks for f in act_fns]
+        folders = [os.path.join(tmp, f"{f}{k}") for k in ks for f in act_fns]     # the single runs'
         single = [train_py(flags + ["--top-k", str(k), "--act-fn", f, "--exp-result-path", folder])
-                  for (k, f), folder in zip(itertools.product(ks, act_fns), singles)]
+                  for (k, f), folder in zip(itertools.product(ks, act_fns), folders)]
         # every SAE of a sweep logs the same windows' wall time: one of them gives the sweep's
         trained = (steps - log_every) * a.train["batch-size"]
         member = os.path.dirname(glob.glob(os.path.join(tmp, "sweep", "*", "log.jsonl"))[0])
         train_sweep = trained / logged_tokens_per_s(member)
-        train_single = [trained / logged_tokens_per_s(folder) for folder in singles]
+        train_single = [trained / logged_tokens_per_s(folder) for folder in folders]
     n = len(single)
     out.say(f"{n} SAEs (k {', '.join(map(str, ks))} x {', '.join(act_fns)}, expansion 8), {steps} steps of "
             f"{a.train['batch-size']} tokens each, evaluation of {a.eval_tokens:,} tokens; process wall "

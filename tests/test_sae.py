@@ -598,9 +598,9 @@ def dense_reference(sae, x, k, batch=False):
 @pytest.mark.parametrize("path", ["sparse", "dense", "estimate", "estimate int8", "plain"])
 def test_topk_paths_match_dense_reference_forward_and_backward(act_fn, path, monkeypatch):
     """The sparse path (CPU), the dense one (where SPARSE_BELOW has no entry: GPU bf16), the
-    sparse one that selects on a bf16 estimate of c (CPU with AMX, large m) and the plain one
-    (FAST off), AuxK included, against the textbook dense SAE written here."""
-    sparse = path in ("sparse", "estimate", "estimate int8")
+    sparse ones that select on a bf16 or int8 estimate of c (a CPU with AMX or VNNI, large m) and
+    the plain one (FAST off), AuxK included, against the textbook dense SAE written here."""
+    sparse = path == "sparse" or path.startswith("estimate")
     if path == "dense":
         monkeypatch.delitem(sae_module.SPARSE_BELOW, ("cpu", torch.float32))
     monkeypatch.setattr(sae_module, "FAST", path != "plain")
